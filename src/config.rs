@@ -1,0 +1,915 @@
+//! The `workers.toml` schema: one documented struct per table, defaults, parsing and `validate()`.
+//!
+//! Parsing is two steps. `serde` + `toml` read the file into [`RawConfig`] (unknown keys and wrong
+//! types are rejected there, with the line they stand on); [`RawConfig::resolve`] then checks the
+//! values that types cannot express (count = 0, a bind that is not an address, no app) and turns
+//! the raw form into [`Config`]: paths resolved against the config file's directory, durations as
+//! [`Duration`], sizes in bytes, "auto" as a number. Every error names the file, the line (when it
+//! can be found) and the key, so `check` can print it the way `nginx -t` does.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// A configuration error: file, optional line, the key it concerns and what is wrong.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if self.key.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A duration given as seconds (integer or float) or as a string with a unit: "500ms", "30s", "2m", "1h".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Int(i64),
+            Float(f64),
+            Str(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Int(n) if n >= 0 => Ok(Dur(Duration::from_secs(n as u64))),
+            Repr::Float(f) if f >= 0.0 && f.is_finite() => Ok(Dur(Duration::from_secs_f64(f))),
+            Repr::Str(s) => parse_duration(&s).map(Dur).map_err(de::Error::custom),
+            _ => Err(de::Error::custom(
+                "expected a duration: seconds (e.g. 30) or a string like \"500ms\", \"30s\", \"2m\"",
+            )),
+        }
+    }
+}
+
+/// Parses "500ms", "30s", "2m", "1h", or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. \"500ms\", \"30s\", \"2m\""))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        u => {
+            return Err(format!(
+                "invalid duration unit {u:?} in {s:?}: use ms, s, m or h"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A size in bytes given as an integer or a string with a unit: "50MiB", "10MB", "512KiB", "2GiB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Int(i64),
+            Str(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Int(n) if n >= 0 => Ok(Size(n as u64)),
+            Repr::Str(s) => parse_size(&s).map(Size).map_err(de::Error::custom),
+            _ => Err(de::Error::custom(
+                "expected a size: bytes (e.g. 1048576) or a string like \"50MiB\", \"10MB\"",
+            )),
+        }
+    }
+}
+
+/// Parses "50MiB", "10MB", "512KiB", "2GiB", "100k", or a bare number of bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. \"50MiB\", \"10MB\""))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => {
+            return Err(format!(
+                "invalid size unit {u:?} in {s:?}: use KiB, MiB, GiB, KB, MB, GB"
+            ))
+        }
+    };
+    let v = n * mult;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("invalid size {s:?}"));
+    }
+    Ok(v as u64)
+}
+
+/// `count = "auto"` or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    Auto,
+    Fixed(i64),
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Int(i64),
+            Str(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Int(n) => Ok(Count::Fixed(n)),
+            Repr::Str(s) if s == "auto" => Ok(Count::Auto),
+            Repr::Str(s) => Err(de::Error::custom(format!(
+                "expected \"auto\" or a number of workers, found {s:?}"
+            ))),
+        }
+    }
+}
+
+/// The file as written: every key optional, unknown keys rejected.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub bind: Option<String>,
+    pub pidfile: Option<String>,
+    pub daemon: Option<bool>,
+    pub backlog: Option<i64>,
+    pub limit_request_body: Option<Size>,
+    pub limit_request_header: Option<Size>,
+    pub limit_request_fields: Option<i64>,
+    pub forwarded_allow_ips: Option<Vec<String>>,
+    pub master_threads: Option<i64>,
+    pub ready_path: Option<String>,
+    pub app: Option<RawApp>,
+    #[serde(default)]
+    pub workers: RawWorkers,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    pub wsgi: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub chdir: Option<String>,
+    pub python: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub preload: Option<bool>,
+    pub ready_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorkers {
+    pub count: Option<Count>,
+    pub threads: Option<i64>,
+    pub connections: Option<i64>,
+    pub queue: Option<i64>,
+    pub timeout: Option<Dur>,
+    pub graceful_timeout: Option<Dur>,
+    pub keepalive: Option<Dur>,
+    pub max_requests: Option<i64>,
+    pub max_requests_jitter: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub access: Option<String>,
+    pub error: Option<String>,
+    pub capture_output: Option<bool>,
+}
+
+/// What the workers run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppKind {
+    /// The bundled WSGI worker imports `module:callable`.
+    Wsgi { module: String, callable: String },
+    /// Any HTTP server program; `{port}` in its arguments is replaced by the worker's port.
+    Command(Vec<String>),
+}
+
+/// Where a log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+    Off,
+}
+
+/// The effective configuration: everything resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from (absolute).
+    pub source: PathBuf,
+    /// The public listener address.
+    pub bind: SocketAddr,
+    pub pidfile: Option<PathBuf>,
+    pub daemon: bool,
+    pub backlog: u32,
+    pub limit_request_body: u64,
+    pub limit_request_header: usize,
+    pub limit_request_fields: usize,
+    pub forwarded_allow_ips: Vec<String>,
+    /// Threads of the master's async runtime (1 = current-thread runtime).
+    pub master_threads: usize,
+    /// Path the master answers itself: 200 while a worker is ready.
+    pub ready_path: String,
+    pub app: AppConfig,
+    pub workers: WorkersConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub kind: AppKind,
+    pub chdir: PathBuf,
+    /// The interpreter as configured (relative to chdir, absolute, or a bare name for PATH).
+    pub python: PathBuf,
+    pub env: BTreeMap<String, String>,
+    pub preload: bool,
+    /// How long a starting worker may take to become ready.
+    pub ready_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkersConfig {
+    pub count: usize,
+    /// True when `count = "auto"` was resolved from the usable CPUs.
+    pub count_auto: bool,
+    pub threads: usize,
+    pub connections: usize,
+    pub queue: usize,
+    pub timeout: Duration,
+    pub graceful_timeout: Duration,
+    pub keepalive: Duration,
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: tracing::Level,
+    pub access: LogTarget,
+    pub error: LogTarget,
+    pub capture_output: bool,
+}
+
+impl WorkersConfig {
+    /// Requests one worker may have in flight: threads for the bundled worker, connections for a command.
+    pub fn slots_per_worker(&self, app: &AppKind) -> usize {
+        match app {
+            AppKind::Wsgi { .. } => self.threads,
+            AppKind::Command(_) => self.connections,
+        }
+    }
+}
+
+/// CPUs this process may really use: scheduler affinity and cgroup CPU quota (v1 and v2) are
+/// honoured by `available_parallelism` on Linux, unlike a plain count of the host's CPUs.
+pub fn usable_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Reads and resolves a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let text = std::fs::read_to_string(&abs).map_err(|e| ConfigError {
+        file: abs.clone(),
+        line: None,
+        key: String::new(),
+        message: format!("cannot read the config file: {e}"),
+    })?;
+    parse(&text, &abs)
+}
+
+/// Parses config text that came from `file` (used for messages and to resolve relative paths).
+pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
+        ConfigError {
+            file: file.to_path_buf(),
+            line,
+            key: String::new(),
+            message: e.message().trim().to_string(),
+        }
+    })?;
+    raw.resolve(text, file)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Finds the line of `key` inside `[section]` (or at the top level when section is empty).
+fn find_key_line(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') && !t.starts_with("[[") {
+            current = t
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            if key.is_empty() && current == section {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        if current == section && !key.is_empty() {
+            if let Some(rest) = t.strip_prefix(key) {
+                if rest.trim_start().starts_with('=') {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+impl RawConfig {
+    /// Checks values and resolves the raw file into a [`Config`].
+    pub fn resolve(self, text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let err = |section: &str, key: &str, message: String| {
+            let line = find_key_line(text, section, key);
+            let key = if section.is_empty() {
+                key.to_string()
+            } else {
+                format!("[{section}] {key}")
+            };
+            ConfigError {
+                file: file.to_path_buf(),
+                line,
+                key,
+                message,
+            }
+        };
+        let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let resolve_path = |p: &str| -> PathBuf {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let bind_str = self.bind.unwrap_or_else(|| "127.0.0.1:8000".to_string());
+        let bind: SocketAddr = parse_bind(&bind_str).map_err(|m| err("", "bind", m))?;
+
+        let pidfile = self
+            .pidfile
+            .filter(|p| !p.is_empty())
+            .map(|p| resolve_path(&p));
+        let backlog = self.backlog.unwrap_or(2048);
+        if !(1..=65535).contains(&backlog) {
+            return Err(err(
+                "",
+                "backlog",
+                format!("must be 1..=65535, found {backlog}"),
+            ));
+        }
+        let limit_request_body = self.limit_request_body.map(|s| s.0).unwrap_or(50 << 20);
+        let limit_request_header = self.limit_request_header.map(|s| s.0).unwrap_or(64 << 10);
+        if !(8192..=(16 << 20)).contains(&limit_request_header) {
+            return Err(err(
+                "",
+                "limit_request_header",
+                format!("must be between 8KiB and 16MiB, found {limit_request_header} bytes"),
+            ));
+        }
+        let limit_request_fields = self.limit_request_fields.unwrap_or(100);
+        if !(1..=32768).contains(&limit_request_fields) {
+            return Err(err(
+                "",
+                "limit_request_fields",
+                format!("must be 1..=32768, found {limit_request_fields}"),
+            ));
+        }
+        let forwarded_allow_ips = self
+            .forwarded_allow_ips
+            .unwrap_or_else(|| vec!["127.0.0.1".into(), "::1".into()]);
+        for ip in &forwarded_allow_ips {
+            if ip != "*" && ip.parse::<std::net::IpAddr>().is_err() {
+                return Err(err(
+                    "",
+                    "forwarded_allow_ips",
+                    format!("{ip:?} is not an IP address (or \"*\")"),
+                ));
+            }
+        }
+        let master_threads = self.master_threads.unwrap_or(1);
+        if !(1..=256).contains(&master_threads) {
+            return Err(err(
+                "",
+                "master_threads",
+                format!("must be 1..=256, found {master_threads}"),
+            ));
+        }
+        let ready_path = self.ready_path.unwrap_or_else(|| "/-/ready".to_string());
+        if !ready_path.starts_with('/') {
+            return Err(err(
+                "",
+                "ready_path",
+                format!("must start with '/', found {ready_path:?}"),
+            ));
+        }
+
+        // [app]
+        let Some(app) = self.app else {
+            return Err(ConfigError {
+                file: file.to_path_buf(),
+                line: None,
+                key: "[app]".into(),
+                message: "missing: set [app] wsgi = \"module:callable\" or [app] command = [...]"
+                    .into(),
+            });
+        };
+        let kind = match (app.wsgi, app.command) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "app",
+                    "command",
+                    "set either wsgi or command, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(err(
+                    "app",
+                    "",
+                    "missing app: set wsgi = \"module:callable\" or command = [...]".into(),
+                ))
+            }
+            (Some(w), None) => {
+                let (module, callable) = parse_wsgi(&w).map_err(|m| err("app", "wsgi", m))?;
+                AppKind::Wsgi { module, callable }
+            }
+            (None, Some(cmd)) => {
+                if cmd.is_empty() || cmd[0].trim().is_empty() {
+                    return Err(err(
+                        "app",
+                        "command",
+                        "must be a non-empty list: [\"program\", \"arg\", ...]".into(),
+                    ));
+                }
+                if !cmd.iter().any(|a| a.contains("{port}")) {
+                    return Err(err(
+                        "app",
+                        "command",
+                        "no argument contains {port}: the program must listen on the port the master gives it".into(),
+                    ));
+                }
+                AppKind::Command(cmd)
+            }
+        };
+        let chdir = match app.chdir {
+            Some(c) if c.is_empty() => {
+                return Err(err("app", "chdir", "must not be empty".into()));
+            }
+            Some(c) => resolve_path(&c),
+            None => base.clone(),
+        };
+        let python = PathBuf::from(app.python.unwrap_or_else(|| "python3".to_string()));
+        if python.as_os_str().is_empty() {
+            return Err(err("app", "python", "must not be empty".into()));
+        }
+        for k in app.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(err(
+                    "app",
+                    "env",
+                    format!("{k:?} is not a valid environment variable name"),
+                ));
+            }
+        }
+        let preload = app.preload.unwrap_or(false);
+        let ready_timeout = app
+            .ready_timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(120));
+
+        // [workers]
+        let w = self.workers;
+        let (count, count_auto) = match w.count.unwrap_or(Count::Auto) {
+            Count::Auto => (2 * usable_cpus() + 1, true),
+            Count::Fixed(n) if (1..=4096).contains(&n) => (n as usize, false),
+            Count::Fixed(n) => {
+                return Err(err(
+                    "workers",
+                    "count",
+                    format!("must be \"auto\" or 1..=4096, found {n}"),
+                ))
+            }
+        };
+        let int_in = |key: &str, v: Option<i64>, default: i64, lo: i64, hi: i64| {
+            let v = v.unwrap_or(default);
+            if (lo..=hi).contains(&v) {
+                Ok(v)
+            } else {
+                Err(err(
+                    "workers",
+                    key,
+                    format!("must be {lo}..={hi}, found {v}"),
+                ))
+            }
+        };
+        let threads = int_in("threads", w.threads, 1, 1, 1024)? as usize;
+        let connections = int_in("connections", w.connections, 1000, 1, 100_000)? as usize;
+        let queue = int_in("queue", w.queue, 1024, 0, 1_000_000)? as usize;
+        let max_requests = int_in("max_requests", w.max_requests, 0, 0, i64::MAX)? as u64;
+        let max_requests_jitter =
+            int_in("max_requests_jitter", w.max_requests_jitter, 0, 0, i64::MAX)? as u64;
+        let timeout = w.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30));
+        if timeout.is_zero() {
+            return Err(err("workers", "timeout", "must be greater than 0".into()));
+        }
+        let graceful_timeout = w
+            .graceful_timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(30));
+        let keepalive = w.keepalive.map(|d| d.0).unwrap_or(Duration::from_secs(5));
+
+        // [log]
+        let l = self.log;
+        let level = match l
+            .level
+            .as_deref()
+            .unwrap_or("info")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "trace" => tracing::Level::TRACE,
+            "debug" => tracing::Level::DEBUG,
+            "info" => tracing::Level::INFO,
+            "warn" | "warning" => tracing::Level::WARN,
+            "error" | "critical" => tracing::Level::ERROR,
+            other => {
+                return Err(err(
+                    "log",
+                    "level",
+                    format!("unknown level {other:?}: use trace, debug, info, warning or error"),
+                ))
+            }
+        };
+        let target = |v: Option<String>, dash: LogTarget| match v.as_deref() {
+            None => dash,
+            Some("-") => dash,
+            Some("off") | Some("") => LogTarget::Off,
+            Some(p) => LogTarget::File(resolve_path(p)),
+        };
+        let access = target(l.access, LogTarget::Stdout);
+        let error = match target(l.error, LogTarget::Stderr) {
+            LogTarget::Off => LogTarget::Stderr,
+            t => t,
+        };
+
+        Ok(Config {
+            source: file.to_path_buf(),
+            bind,
+            pidfile,
+            daemon: self.daemon.unwrap_or(false),
+            backlog: backlog as u32,
+            limit_request_body,
+            limit_request_header: limit_request_header as usize,
+            limit_request_fields: limit_request_fields as usize,
+            forwarded_allow_ips,
+            master_threads: master_threads as usize,
+            ready_path,
+            app: AppConfig {
+                kind,
+                chdir,
+                python,
+                env: app.env,
+                preload,
+                ready_timeout,
+            },
+            workers: WorkersConfig {
+                count,
+                count_auto,
+                threads,
+                connections,
+                queue,
+                timeout,
+                graceful_timeout,
+                keepalive,
+                max_requests,
+                max_requests_jitter,
+            },
+            log: LogConfig {
+                level,
+                access,
+                error,
+                capture_output: l.capture_output.unwrap_or(true),
+            },
+        })
+    }
+}
+
+fn parse_bind(s: &str) -> Result<SocketAddr, String> {
+    if s.starts_with("unix:") {
+        return Err(format!(
+            "{s:?}: unix socket binds are not supported; use host:port (e.g. \"127.0.0.1:8000\")"
+        ));
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    // "localhost:8000" and similar: resolve without touching the network (hosts file only).
+    if let Some((host, port)) = s.rsplit_once(':') {
+        if host == "localhost" {
+            if let Ok(p) = port.parse::<u16>() {
+                return Ok(SocketAddr::from(([127, 0, 0, 1], p)));
+            }
+        }
+    }
+    Err(format!(
+        "{s:?} is not an address: use host:port with an IP, e.g. \"127.0.0.1:8000\" or \"[::1]:8000\""
+    ))
+}
+
+fn parse_wsgi(s: &str) -> Result<(String, String), String> {
+    let (m, c) = s.split_once(':').unwrap_or((s, "application"));
+    let ident = |p: &str| {
+        !p.is_empty()
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && !part.starts_with(|c: char| c.is_ascii_digit())
+                    && part.chars().all(|c| c.is_alphanumeric() || c == '_')
+            })
+    };
+    if !ident(m) || !ident(c) {
+        return Err(format!(
+            "{s:?} is not module:callable (e.g. \"app:app\" or \"pkg.wsgi:application\")"
+        ));
+    }
+    Ok((m.to_string(), c.to_string()))
+}
+
+impl Config {
+    /// The effective configuration as TOML-like lines, for `check`.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        let mut line = |k: &str, v: String| {
+            s.push_str(k);
+            s.push_str(" = ");
+            s.push_str(&v);
+            s.push('\n');
+        };
+        line("bind", format!("\"{}\"", self.bind));
+        line(
+            "pidfile",
+            self.pidfile
+                .as_ref()
+                .map(|p| format!("\"{}\"", p.display()))
+                .unwrap_or_else(|| "(none)".into()),
+        );
+        line("daemon", self.daemon.to_string());
+        line("backlog", self.backlog.to_string());
+        line("limit_request_body", self.limit_request_body.to_string());
+        line(
+            "limit_request_header",
+            self.limit_request_header.to_string(),
+        );
+        line(
+            "limit_request_fields",
+            self.limit_request_fields.to_string(),
+        );
+        line(
+            "forwarded_allow_ips",
+            format!("{:?}", self.forwarded_allow_ips),
+        );
+        line("master_threads", self.master_threads.to_string());
+        line("ready_path", format!("\"{}\"", self.ready_path));
+        match &self.app.kind {
+            AppKind::Wsgi { module, callable } => {
+                line("app.wsgi", format!("\"{module}:{callable}\""))
+            }
+            AppKind::Command(c) => line("app.command", format!("{c:?}")),
+        }
+        line("app.chdir", format!("\"{}\"", self.app.chdir.display()));
+        line("app.python", format!("\"{}\"", self.app.python.display()));
+        line("app.env", format!("{:?}", self.app.env));
+        line("app.preload", self.app.preload.to_string());
+        line(
+            "app.ready_timeout",
+            format!("{}s", self.app.ready_timeout.as_secs_f64()),
+        );
+        let w = &self.workers;
+        line(
+            "workers.count",
+            if w.count_auto {
+                format!(
+                    "{}   # auto: 2 x {} usable CPUs + 1",
+                    w.count,
+                    (w.count - 1) / 2
+                )
+            } else {
+                w.count.to_string()
+            },
+        );
+        line("workers.threads", w.threads.to_string());
+        line("workers.connections", w.connections.to_string());
+        line("workers.queue", w.queue.to_string());
+        line("workers.timeout", format!("{}s", w.timeout.as_secs_f64()));
+        line(
+            "workers.graceful_timeout",
+            format!("{}s", w.graceful_timeout.as_secs_f64()),
+        );
+        line(
+            "workers.keepalive",
+            format!("{}s", w.keepalive.as_secs_f64()),
+        );
+        line("workers.max_requests", w.max_requests.to_string());
+        line(
+            "workers.max_requests_jitter",
+            w.max_requests_jitter.to_string(),
+        );
+        line("log.level", self.log.level.to_string().to_ascii_lowercase());
+        let t = |t: &LogTarget| match t {
+            LogTarget::Stdout => "\"-\" (stdout)".to_string(),
+            LogTarget::Stderr => "\"-\" (stderr)".to_string(),
+            LogTarget::Off => "\"off\"".to_string(),
+            LogTarget::File(p) => format!("\"{}\"", p.display()),
+        };
+        line("log.access", t(&self.log.access));
+        line("log.error", t(&self.log.error));
+        line("log.capture_output", self.log.capture_output.to_string());
+        s
+    }
+
+    /// The interpreter path as the workers will run it (relative paths are relative to chdir).
+    pub fn python_path(&self) -> PathBuf {
+        let p = &self.app.python;
+        if p.is_absolute() || p.components().count() == 1 {
+            p.clone()
+        } else {
+            self.app.chdir.join(p)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Config, ConfigError> {
+        parse(text, Path::new("/etc/gte/workers.toml"))
+    }
+
+    const MIN: &str = "[app]\nwsgi = \"app:app\"\n";
+
+    #[test]
+    fn minimal_defaults() {
+        let c = p(MIN).expect("valid");
+        assert_eq!(c.bind.to_string(), "127.0.0.1:8000");
+        assert_eq!(c.workers.count, 2 * usable_cpus() + 1);
+        assert!(c.workers.count_auto);
+        assert_eq!(c.workers.timeout, Duration::from_secs(30));
+        assert_eq!(c.limit_request_body, 50 << 20);
+        assert_eq!(c.app.chdir, PathBuf::from("/etc/gte"));
+        assert_eq!(
+            c.app.kind,
+            AppKind::Wsgi {
+                module: "app".into(),
+                callable: "app".into()
+            }
+        );
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert!(parse_duration("3 parsecs").is_err());
+        assert_eq!(parse_size("50MiB").unwrap(), 50 << 20);
+        assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
+        assert!(parse_size("lots").is_err());
+        let c =
+            p("[app]\nwsgi = \"a:b\"\n[workers]\ntimeout = \"500ms\"\nkeepalive = 2\n").unwrap();
+        assert_eq!(c.workers.timeout, Duration::from_millis(500));
+        assert_eq!(c.workers.keepalive, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn unknown_key_names_line() {
+        let e = p("[app]\nwsgi = \"a:b\"\n[workers]\ncout = 3\n").unwrap_err();
+        assert_eq!(e.line, Some(4));
+        assert!(e.message.contains("cout"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_line() {
+        let e = p("[app]\nwsgi = \"a:b\"\n[workers]\nthreads = \"many\"\n").unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+    }
+
+    #[test]
+    fn count_zero_rejected_with_line() {
+        let e = p("[app]\nwsgi = \"a:b\"\n\n[workers]\ncount = 0\n").unwrap_err();
+        assert_eq!(e.key, "[workers] count");
+        assert_eq!(e.line, Some(5));
+        assert!(
+            e.to_string().contains("workers.toml:5: [workers] count"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_bind_rejected() {
+        let e = p("bind = \"nonsense\"\n[app]\nwsgi = \"a:b\"\n").unwrap_err();
+        assert_eq!(e.key, "bind");
+        assert_eq!(e.line, Some(1));
+        assert!(p("bind = \"[::1]:9000\"\n[app]\nwsgi = \"a:b\"\n").is_ok());
+    }
+
+    #[test]
+    fn missing_app_rejected() {
+        let e = p("bind = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(e.to_string().contains("[app]"), "{e}");
+        let e = p("[app]\nchdir = \".\"\n").unwrap_err();
+        assert!(e.message.contains("missing app"), "{e}");
+    }
+
+    #[test]
+    fn bad_wsgi_and_command() {
+        assert!(p("[app]\nwsgi = \"app:\"\n").is_err());
+        assert!(p("[app]\nwsgi = \"1app:app\"\n").is_err());
+        assert!(p("[app]\ncommand = []\n").is_err());
+        let e = p("[app]\ncommand = [\"uvicorn\", \"app:app\"]\n").unwrap_err();
+        assert!(e.message.contains("{port}"), "{e}");
+        assert!(p("[app]\ncommand = [\"uvicorn\", \"--port\", \"{port}\"]\n").is_ok());
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_config_dir() {
+        let c = p("pidfile = \"run/x.pid\"\n[app]\nwsgi = \"a:b\"\nchdir = \"srv\"\npython = \"venv/bin/python3\"\n[log]\naccess = \"log/a.log\"\n").unwrap();
+        assert_eq!(c.pidfile.unwrap(), PathBuf::from("/etc/gte/run/x.pid"));
+        assert_eq!(c.app.chdir, PathBuf::from("/etc/gte/srv"));
+        assert_eq!(
+            c.python_path(),
+            PathBuf::from("/etc/gte/srv/venv/bin/python3")
+        );
+        assert_eq!(c.log.access, LogTarget::File("/etc/gte/log/a.log".into()));
+    }
+
+    #[test]
+    fn packaged_default_config_is_valid() {
+        let text = include_str!("../packaging/workers.toml");
+        let c = p(text).expect("packaging/workers.toml must be valid");
+        assert_eq!(c.workers.max_requests, 1000);
+    }
+}

@@ -1,0 +1,75 @@
+//! Events that change worker state. They flow one way, into the master task's channel: the proxy,
+//! the per-worker watcher tasks and the signal handlers send them; only the master acts on them.
+//! Defined below both the master and the proxy so the proxy never depends on the master.
+
+use std::process::ExitStatus;
+
+use crate::worker::WorkerId;
+
+/// Why a worker should be replaced while it still serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplaceReason {
+    MaxRequests,
+    Reload,
+    Misbehaved,
+}
+
+impl ReplaceReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplaceReason::MaxRequests => "max_requests",
+            ReplaceReason::Reload => "reload",
+            ReplaceReason::Misbehaved => "misbehaved",
+        }
+    }
+}
+
+/// Signals the master reacts to, as a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalKind {
+    /// SIGTERM: graceful stop.
+    Terminate,
+    /// SIGINT / SIGQUIT: fast stop.
+    Quick,
+    /// SIGHUP: reload the configuration.
+    Reload,
+    /// SIGTTIN: one worker more.
+    Increment,
+    /// SIGTTOU: one worker less.
+    Decrement,
+    /// SIGUSR1: reopen log files.
+    ReopenLogs,
+}
+
+/// One thing that happened.
+#[derive(Debug)]
+pub enum Event {
+    Signal(SignalKind),
+    /// The worker finished loading (Ok) or reported that it could not load the app (Err: the traceback).
+    WorkerLoaded {
+        id: WorkerId,
+        result: Result<(), String>,
+    },
+    /// The worker process exited (reaped).
+    WorkerExited {
+        id: WorkerId,
+        status: ExitStatus,
+    },
+    /// The proxy saw a worker reach its request budget.
+    BudgetSpent {
+        id: WorkerId,
+    },
+    /// A request on this worker ran past its timeout; the worker must be aborted.
+    RequestTimedOut {
+        id: WorkerId,
+    },
+    /// The worker broke the protocol or dropped a connection mid-request.
+    WorkerMisbehaved {
+        id: WorkerId,
+        what: String,
+    },
+    /// Every slot of a retiring worker has been released: it is idle and can be stopped.
+    WorkerDrained {
+        id: WorkerId,
+    },
+}

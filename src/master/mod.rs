@@ -1,0 +1,786 @@
+//! The master task: the one owner of the worker table. Every change arrives as an [`Event`] on one
+//! channel (signals, worker loaded/exited, budget spent, timeouts, …); the task handles one event
+//! at a time and then *reconciles* — compares the workers it wants (count, generation) with the
+//! workers it has and spawns, retires or kills to close the gap. Recycling, reload, resize and
+//! crash recovery are all "the wanted state changed" or "the actual state changed".
+//!
+//! Replacement is always start-first: a worker flagged for replacement (budget spent, reload)
+//! keeps serving until enough fresh workers are ready, so capacity never dips.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use rand::Rng;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::{self, Config};
+use crate::event::{Event, ReplaceReason, SignalKind};
+use crate::logging::Logs;
+use crate::proxy::{Settings, Shared};
+use crate::systemd;
+use crate::worker::spawn::{self, SpawnContext};
+use crate::worker::{WorkerId, WorkerInfo};
+
+/// Exit codes of the master (documented in the man page and README).
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const RUNTIME: i32 = 1;
+    pub const CONFIG: i32 = 2;
+    pub const APP_LOAD: i32 = 3;
+    pub const IN_USE: i32 = 4;
+}
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Spawned; importing the app.
+    Starting,
+    /// Serving requests.
+    Ready,
+    /// Retiring: no new requests; waiting for in-flight ones to finish.
+    Draining,
+    /// Signalled to stop; SIGKILL at `kill_at`.
+    Stopping,
+}
+
+#[derive(Debug)]
+struct WorkerRec {
+    info: Arc<WorkerInfo>,
+    state: WorkerState,
+    generation: u64,
+    started: Instant,
+    ready_at: Option<Instant>,
+    /// Wants a replacement (keeps serving until one is ready).
+    replace: Option<ReplaceReason>,
+    /// Why it is going away, for the exit log line.
+    reason: Option<&'static str>,
+    kill_at: Option<Instant>,
+}
+
+impl WorkerRec {
+    fn serving(&self) -> bool {
+        matches!(self.state, WorkerState::Starting | WorkerState::Ready)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Graceful stop: the listener is closed; in-flight requests are finishing.
+    DrainingConnections,
+    /// Workers are being stopped; exit when none is left.
+    StoppingWorkers,
+}
+
+/// Everything the master task owns.
+pub struct Master {
+    cfg: Arc<Config>,
+    config_path: PathBuf,
+    shared: Arc<Shared>,
+    events_tx: UnboundedSender<Event>,
+    events_rx: UnboundedReceiver<Event>,
+    workers: BTreeMap<WorkerId, WorkerRec>,
+    next_id: WorkerId,
+    generation: u64,
+    desired: usize,
+    phase: Phase,
+    booted: bool,
+    reloading: bool,
+    crash_streak: u32,
+    spawn_not_before: Option<Instant>,
+    runtime_dir: PathBuf,
+    stop_tx: watch::Sender<bool>,
+    grace_tx: watch::Sender<Duration>,
+    server: Option<JoinHandle<()>>,
+    exit_code: i32,
+    logs: Logs,
+}
+
+/// The pieces `main` hands over.
+pub struct MasterParts {
+    pub cfg: Config,
+    pub config_path: PathBuf,
+    pub shared: Arc<Shared>,
+    pub listener: tokio::net::TcpListener,
+    pub runtime_dir: PathBuf,
+    pub logs: Logs,
+}
+
+fn describe_status(st: &ExitStatus) -> String {
+    if let Some(sig) = st.signal() {
+        let name = Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("?");
+        format!("killed by signal {sig} ({name})")
+    } else {
+        format!("exit code {}", st.code().unwrap_or(-1))
+    }
+}
+
+impl Master {
+    pub fn new(parts: MasterParts) -> Self {
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (grace_tx, grace_rx) = watch::channel(parts.cfg.workers.graceful_timeout);
+        let server = tokio::spawn(crate::proxy::serve(
+            parts.listener,
+            parts.shared.clone(),
+            stop_rx,
+            grace_rx,
+        ));
+        Master {
+            desired: parts.cfg.workers.count,
+            cfg: Arc::new(parts.cfg),
+            config_path: parts.config_path,
+            shared: parts.shared,
+            events_tx,
+            events_rx,
+            workers: BTreeMap::new(),
+            next_id: 1,
+            generation: 1,
+            phase: Phase::Running,
+            booted: false,
+            reloading: false,
+            crash_streak: 0,
+            spawn_not_before: None,
+            runtime_dir: parts.runtime_dir,
+            stop_tx,
+            grace_tx,
+            server: Some(server),
+            exit_code: exit::OK,
+            logs: parts.logs,
+        }
+    }
+
+    /// A sender for events (signal forwarders use it).
+    pub fn sender(&self) -> UnboundedSender<Event> {
+        self.events_tx.clone()
+    }
+
+    /// Runs until the master has stopped; returns the exit code.
+    pub async fn run(mut self) -> i32 {
+        tracing::info!(bind = %self.cfg.bind, workers = self.desired, pid = std::process::id(), "starting");
+        self.reconcile();
+        loop {
+            let wake = self.next_wakeup();
+            let draining = self.phase == Phase::DrainingConnections;
+            tokio::select! {
+                ev = self.events_rx.recv() => {
+                    if let Some(ev) = ev { self.handle(ev); }
+                }
+                _ = tokio::time::sleep_until(wake) => self.on_timer(),
+                _ = async { self.server.as_mut().expect("server task present while draining").await }, if draining && self.server.is_some() => {
+                    self.server = None;
+                    tracing::info!("in-flight requests finished; stopping workers");
+                    self.stop_workers(false);
+                }
+            }
+            self.reconcile();
+            if self.phase == Phase::StoppingWorkers && self.workers.is_empty() {
+                break;
+            }
+        }
+        self.shared.pool.close();
+        let _ = std::fs::remove_dir_all(&self.runtime_dir);
+        tracing::info!(code = self.exit_code, "stopped");
+        self.exit_code
+    }
+
+    fn next_wakeup(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut t = far;
+        if let Some(s) = self.spawn_not_before {
+            t = t.min(s);
+        }
+        for w in self.workers.values() {
+            if let Some(k) = w.kill_at {
+                t = t.min(k);
+            }
+        }
+        t
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if self.spawn_not_before.is_some_and(|t| t <= now) {
+            self.spawn_not_before = None;
+        }
+        let overdue: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.kill_at.is_some_and(|k| k <= now))
+            .map(|w| w.info.id)
+            .collect();
+        for id in overdue {
+            if let Some(w) = self.workers.get_mut(&id) {
+                tracing::warn!(
+                    worker = id,
+                    pid = w.info.pid,
+                    "worker did not stop in time: SIGKILL"
+                );
+                w.kill_at = None;
+                signal_worker(w.info.pid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Signal(s) => self.on_signal(s),
+            Event::WorkerLoaded { id, result } => self.on_loaded(id, result),
+            Event::WorkerExited { id, status } => self.on_exited(id, status),
+            Event::BudgetSpent { id } => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    if w.state == WorkerState::Ready && w.replace.is_none() {
+                        tracing::info!(
+                            worker = id,
+                            pid = w.info.pid,
+                            reason = "max_requests",
+                            served = w.info.served.load(Ordering::Relaxed),
+                            "worker reached its request budget; starting a replacement"
+                        );
+                        w.replace = Some(ReplaceReason::MaxRequests);
+                    }
+                }
+            }
+            Event::RequestTimedOut { id } => self.abort_worker(id),
+            Event::WorkerMisbehaved { id, what } => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    if w.serving() {
+                        tracing::warn!(worker = id, pid = w.info.pid, reason = "crash", error = %what, "worker failed a request; replacing it");
+                        w.replace = Some(ReplaceReason::Misbehaved);
+                        self.retire(id, "crash");
+                    }
+                }
+            }
+            Event::WorkerDrained { id } => {
+                if self
+                    .workers
+                    .get(&id)
+                    .is_some_and(|w| w.state == WorkerState::Draining)
+                {
+                    self.stop_process(id, Signal::SIGTERM, self.cfg.workers.graceful_timeout);
+                }
+            }
+        }
+    }
+
+    fn on_signal(&mut self, s: SignalKind) {
+        match s {
+            SignalKind::Terminate => self.begin_stop(true),
+            SignalKind::Quick => self.begin_stop(false),
+            SignalKind::Reload => self.reload(),
+            SignalKind::Increment => {
+                self.desired += 1;
+                tracing::info!(workers = self.desired, "SIGTTIN: one worker more");
+            }
+            SignalKind::Decrement => {
+                if self.desired > 1 {
+                    self.desired -= 1;
+                }
+                tracing::info!(workers = self.desired, "SIGTTOU: one worker less");
+            }
+            SignalKind::ReopenLogs => {
+                self.logs.reopen();
+                tracing::info!("SIGUSR1: log files reopened");
+            }
+        }
+    }
+
+    fn on_loaded(&mut self, id: WorkerId, result: Result<(), String>) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                if w.state != WorkerState::Starting {
+                    return;
+                }
+                w.state = WorkerState::Ready;
+                w.ready_at = Some(Instant::now());
+                let slots = self.cfg.workers.slots_per_worker(&self.cfg.app.kind);
+                tracing::info!(
+                    worker = id,
+                    pid = w.info.pid,
+                    boot_ms = w.started.elapsed().as_millis() as u64,
+                    "worker ready"
+                );
+                self.shared.pool.add(w.info.make_slots(slots));
+                self.update_ready_count();
+                if !self.booted && self.ready_fresh() >= self.desired {
+                    self.booted = true;
+                    let msg = format!("serving on {} with {} workers", self.cfg.bind, self.desired);
+                    tracing::info!(bind = %self.cfg.bind, workers = self.desired, "ready");
+                    systemd::ready(&msg);
+                }
+                if self.reloading && self.ready_fresh() >= self.desired {
+                    self.reloading = false;
+                    tracing::info!(
+                        generation = self.generation,
+                        "reload complete: all workers on the new configuration"
+                    );
+                    systemd::ready(&format!(
+                        "reloaded: serving on {} with {} workers",
+                        self.cfg.bind, self.desired
+                    ));
+                }
+            }
+            Err(traceback) => {
+                if w.state != WorkerState::Starting {
+                    return;
+                }
+                if !self.booted {
+                    tracing::error!(
+                        worker = id,
+                        pid = w.info.pid,
+                        "the application failed to load; stopping\n{traceback}"
+                    );
+                    if !matches!(self.cfg.log.error, config::LogTarget::Stderr) {
+                        eprintln!("gte-supervisor: the application failed to load:\n{traceback}");
+                    }
+                    self.exit_code = exit::APP_LOAD;
+                    self.begin_stop(false);
+                } else {
+                    if self.crash_streak <= 1 {
+                        tracing::error!(worker = id, pid = w.info.pid, reason = "crash", "a new worker failed to load the application (the running workers keep serving)\n{traceback}");
+                    } else {
+                        tracing::error!(
+                            worker = id,
+                            pid = w.info.pid,
+                            reason = "crash",
+                            streak = self.crash_streak,
+                            "a new worker failed to load the application again"
+                        );
+                    }
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.reason = Some("crash");
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_exited(&mut self, id: WorkerId, status: ExitStatus) {
+        let Some(w) = self.workers.remove(&id) else {
+            return;
+        };
+        self.shared.pool.purge(id);
+        w.info.retiring.store(true, Ordering::SeqCst);
+        self.update_ready_count();
+        let age = w.started.elapsed();
+        let expected = matches!(w.state, WorkerState::Stopping | WorkerState::Draining);
+        let reason = w.reason.unwrap_or(if expected { "stop" } else { "crash" });
+        let served = w.info.served.load(Ordering::Relaxed);
+        let how = describe_status(&status);
+        if expected {
+            tracing::info!(worker = id, pid = w.info.pid, reason, served, age_s = age.as_secs(), status = %how, "worker exited");
+            return;
+        }
+        tracing::warn!(worker = id, pid = w.info.pid, reason, served, age_s = age.as_secs(), status = %how, "worker exited unexpectedly");
+        if self.phase != Phase::Running || !self.booted {
+            return;
+        }
+        // Crash-loop control: a worker that dies soon after starting backs the next spawn off.
+        let lived = w.ready_at.map(|t| t.elapsed()).unwrap_or_default();
+        if lived < Duration::from_secs(10) {
+            self.crash_streak += 1;
+        } else {
+            self.crash_streak = 0;
+        }
+        if self.crash_streak >= 2 {
+            let delay = Duration::from_millis(500u64 << (self.crash_streak - 2).min(6))
+                .min(Duration::from_secs(30));
+            self.spawn_not_before = Some(Instant::now() + delay);
+            if self.crash_streak >= 3 {
+                tracing::error!(streak = self.crash_streak, backoff_ms = delay.as_millis() as u64, "crash loop: workers keep dying soon after start; respawning with backoff (the remaining workers keep serving)");
+            } else {
+                tracing::warn!(
+                    backoff_ms = delay.as_millis() as u64,
+                    "worker died soon after start; backing off"
+                );
+            }
+            systemd::status(&format!(
+                "crash loop: {} workers ready of {}",
+                self.ready_fresh(),
+                self.desired
+            ));
+        }
+    }
+
+    /// The request ran past its timeout: abort the worker (faulthandler dumps its threads), kill after a grace.
+    fn abort_worker(&mut self, id: WorkerId) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.state == WorkerState::Stopping {
+            return;
+        }
+        tracing::error!(
+            worker = id,
+            pid = w.info.pid,
+            reason = "timeout",
+            served = w.info.served.load(Ordering::Relaxed),
+            age_s = w.started.elapsed().as_secs(),
+            "request timeout: SIGABRT to the worker (its traceback follows in the log)"
+        );
+        w.info.retire();
+        w.reason = Some("timeout");
+        self.shared.pool.purge(id);
+        self.stop_process(id, Signal::SIGABRT, Duration::from_secs(2));
+        self.update_ready_count();
+    }
+
+    /// Stops giving requests to a worker; it is stopped once its in-flight requests finish.
+    fn retire(&mut self, id: WorkerId, reason: &'static str) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        match w.state {
+            WorkerState::Draining | WorkerState::Stopping => return,
+            WorkerState::Starting | WorkerState::Ready => {}
+        }
+        w.state = WorkerState::Draining;
+        w.reason.get_or_insert(reason);
+        let drained = w.info.retire();
+        tracing::info!(
+            worker = id,
+            pid = w.info.pid,
+            reason,
+            served = w.info.served.load(Ordering::Relaxed),
+            age_s = w.started.elapsed().as_secs(),
+            "retiring worker"
+        );
+        self.shared.pool.purge(id);
+        if drained {
+            self.stop_process(id, Signal::SIGTERM, self.cfg.workers.graceful_timeout);
+        }
+        self.update_ready_count();
+    }
+
+    fn stop_process(&mut self, id: WorkerId, sig: Signal, grace: Duration) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        w.state = WorkerState::Stopping;
+        w.kill_at = Some(Instant::now() + grace);
+        signal_worker(w.info.pid, sig);
+    }
+
+    fn ready_fresh(&self) -> usize {
+        self.workers
+            .values()
+            .filter(|w| w.state == WorkerState::Ready && w.replace.is_none())
+            .count()
+    }
+
+    fn update_ready_count(&self) {
+        let n = self
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Ready)
+            .count();
+        self.shared.ready_workers.store(n, Ordering::Relaxed);
+    }
+
+    fn begin_stop(&mut self, graceful: bool) {
+        if self.phase == Phase::StoppingWorkers {
+            if !graceful {
+                // A second, fast stop while stopping: hurry up.
+                for w in self.workers.values() {
+                    signal_worker(w.info.pid, Signal::SIGKILL);
+                }
+            }
+            return;
+        }
+        systemd::stopping();
+        if graceful && self.phase == Phase::Running {
+            tracing::info!(
+                grace_s = self.cfg.workers.graceful_timeout.as_secs_f64(),
+                "SIGTERM: graceful stop: no new connections, finishing in-flight requests"
+            );
+            let _ = self.grace_tx.send(self.cfg.workers.graceful_timeout);
+            let _ = self.stop_tx.send(true);
+            self.phase = Phase::DrainingConnections;
+            return;
+        }
+        if self.exit_code == exit::OK {
+            tracing::info!("fast stop");
+        }
+        let _ = self.grace_tx.send(Duration::ZERO);
+        let _ = self.stop_tx.send(true);
+        if let Some(s) = self.server.take() {
+            s.abort();
+        }
+        self.stop_workers(true);
+    }
+
+    fn stop_workers(&mut self, fast: bool) {
+        self.phase = Phase::StoppingWorkers;
+        self.shared.pool.close();
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for id in ids {
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.info.retire();
+                w.reason.get_or_insert("stop");
+            }
+            if fast {
+                self.stop_process(id, Signal::SIGQUIT, Duration::from_secs(2));
+            } else {
+                self.stop_process(
+                    id,
+                    Signal::SIGTERM,
+                    self.cfg
+                        .workers
+                        .graceful_timeout
+                        .max(Duration::from_secs(1)),
+                );
+            }
+        }
+        self.update_ready_count();
+    }
+
+    fn reload(&mut self) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        systemd::notify("RELOADING=1\nSTATUS=reloading");
+        let new = match config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: the new configuration is invalid; keeping the running one");
+                systemd::ready(&format!(
+                    "reload failed ({e}); serving with the previous configuration"
+                ));
+                return;
+            }
+        };
+        let mut new = new;
+        let old = &self.cfg;
+        let mut fixed = Vec::new();
+        if new.bind != old.bind {
+            fixed.push("bind");
+            new.bind = old.bind;
+        }
+        if new.pidfile != old.pidfile {
+            fixed.push("pidfile");
+            new.pidfile = old.pidfile.clone();
+        }
+        if new.master_threads != old.master_threads {
+            fixed.push("master_threads");
+            new.master_threads = old.master_threads;
+        }
+        if new.daemon != old.daemon {
+            fixed.push("daemon");
+            new.daemon = old.daemon;
+        }
+        if new.log.access != old.log.access
+            || new.log.error != old.log.error
+            || new.log.level != old.log.level
+        {
+            fixed.push("[log]");
+            new.log = old.log.clone();
+        }
+        if std::mem::discriminant(&new.app.kind) != std::mem::discriminant(&old.app.kind) {
+            fixed.push("[app] wsgi/command kind");
+            new.app.kind = old.app.kind.clone();
+        }
+        if !fixed.is_empty() {
+            tracing::warn!(settings = ?fixed, "SIGHUP: these settings cannot change without a restart; keeping their running values");
+        }
+        self.generation += 1;
+        self.desired = new.workers.count;
+        self.shared.pool.set_queue_limit(new.workers.queue);
+        self.shared.set_settings(Settings::from_config(&new));
+        self.cfg = Arc::new(new);
+        for w in self.workers.values_mut() {
+            if w.serving() {
+                w.replace = Some(ReplaceReason::Reload);
+            }
+        }
+        self.reloading = true;
+        tracing::info!(
+            generation = self.generation,
+            workers = self.desired,
+            "SIGHUP: configuration reloaded; starting new workers"
+        );
+    }
+
+    fn spawn_one(&mut self) -> bool {
+        let id = self.next_id;
+        self.next_id += 1;
+        let ctx = SpawnContext {
+            runtime_dir: &self.runtime_dir,
+            events: self.events_tx.clone(),
+            master_pid: std::process::id(),
+        };
+        match spawn::spawn_worker(&self.cfg, id, &ctx) {
+            Ok(sp) => {
+                let w = &self.cfg.workers;
+                let budget = if w.max_requests == 0 {
+                    0
+                } else {
+                    w.max_requests + rand::thread_rng().gen_range(0..=w.max_requests_jitter)
+                };
+                let info = Arc::new(WorkerInfo::new(
+                    id,
+                    sp.pid,
+                    sp.addr,
+                    w.timeout,
+                    budget,
+                    self.events_tx.clone(),
+                ));
+                tracing::info!(
+                    worker = id,
+                    pid = sp.pid,
+                    generation = self.generation,
+                    budget,
+                    "worker spawned"
+                );
+                self.workers.insert(
+                    id,
+                    WorkerRec {
+                        info,
+                        state: WorkerState::Starting,
+                        generation: self.generation,
+                        started: Instant::now(),
+                        ready_at: None,
+                        replace: None,
+                        reason: None,
+                        kill_at: None,
+                    },
+                );
+                true
+            }
+            Err(e) => {
+                let python = self.cfg.python_path();
+                tracing::error!(worker = id, error = %e, python = %python.display(), chdir = %self.cfg.app.chdir.display(), "cannot start a worker process");
+                if !self.booted {
+                    if !matches!(self.cfg.log.error, config::LogTarget::Stderr) {
+                        eprintln!(
+                            "gte-supervisor: cannot start a worker ({} in {}): {e}",
+                            python.display(),
+                            self.cfg.app.chdir.display()
+                        );
+                    }
+                    self.exit_code = exit::APP_LOAD;
+                    self.begin_stop(false);
+                } else {
+                    self.crash_streak += 1;
+                    let delay = Duration::from_millis(500u64 << self.crash_streak.min(6))
+                        .min(Duration::from_secs(30));
+                    self.spawn_not_before = Some(Instant::now() + delay);
+                }
+                false
+            }
+        }
+    }
+
+    /// Closes the gap between the workers wanted and the workers there are.
+    fn reconcile(&mut self) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let desired = self.desired;
+        let fresh: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.serving() && w.replace.is_none() && w.generation == self.generation)
+            .map(|w| w.info.id)
+            .collect();
+        if fresh.len() < desired {
+            if self.spawn_not_before.is_none() {
+                for _ in fresh.len()..desired {
+                    if !self.spawn_one() || self.phase != Phase::Running {
+                        break;
+                    }
+                    if self.crash_streak >= 2 {
+                        // In a crash loop: one at a time.
+                        self.spawn_not_before = Some(Instant::now() + Duration::from_millis(500));
+                        break;
+                    }
+                }
+            }
+        } else if fresh.len() > desired {
+            // Too many (TTOU or a smaller count after reload): retire starting ones first, then the oldest.
+            let mut surplus: Vec<WorkerId> = fresh.clone();
+            surplus.sort_by_key(|id| {
+                let w = &self.workers[id];
+                (w.state == WorkerState::Ready, *id)
+            });
+            for id in surplus.into_iter().take(fresh.len() - desired) {
+                self.retire(id, "resize");
+            }
+        }
+        // Old generation or flagged workers: retire once enough fresh ones are ready.
+        let ready_fresh = self
+            .workers
+            .values()
+            .filter(|w| {
+                w.state == WorkerState::Ready
+                    && w.replace.is_none()
+                    && w.generation == self.generation
+            })
+            .count();
+        let mut flagged: Vec<(WorkerId, &'static str, bool)> = self
+            .workers
+            .values()
+            .filter(|w| w.serving() && (w.replace.is_some() || w.generation != self.generation))
+            .map(|w| {
+                let reason = w.replace.map(|r| r.as_str()).unwrap_or("reload");
+                (w.info.id, reason, w.state == WorkerState::Ready)
+            })
+            .collect();
+        flagged.sort_by_key(|(id, _, ready)| (*ready, *id));
+        let mut total_ready = ready_fresh + flagged.iter().filter(|f| f.2).count();
+        for (id, reason, ready) in flagged {
+            if !ready {
+                self.retire(id, reason);
+            } else if total_ready > desired || ready_fresh >= desired {
+                self.retire(id, reason);
+                total_ready -= 1;
+            }
+        }
+    }
+}
+
+/// Signals a worker's whole process group (its pid is the group id: see `spawn`).
+fn signal_worker(pid: u32, sig: Signal) {
+    if pid == 0 {
+        return;
+    }
+    let _ = killpg(Pid::from_raw(pid as i32), sig);
+}
+
+/// Forwards the master's signals into the event channel (handlers only enqueue).
+pub fn forward_signals(tx: UnboundedSender<Event>) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind as K};
+    let table = [
+        (K::terminate(), SignalKind::Terminate),
+        (K::interrupt(), SignalKind::Quick),
+        (K::quit(), SignalKind::Quick),
+        (K::hangup(), SignalKind::Reload),
+        (K::from_raw(libc::SIGTTIN), SignalKind::Increment),
+        (K::from_raw(libc::SIGTTOU), SignalKind::Decrement),
+        (K::user_defined1(), SignalKind::ReopenLogs),
+    ];
+    for (kind, ev) in table {
+        let mut s = signal(kind)?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while s.recv().await.is_some() {
+                if tx.send(Event::Signal(ev)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}

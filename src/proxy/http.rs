@@ -1,0 +1,262 @@
+//! Forwarding to `command` workers: plain HTTP/1.1 on a loopback port, over reused connections
+//! (one per slot). Bodies stream both ways; WebSocket (and any other) upgrades are joined end to
+//! end once the worker answers 101.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::body::{BoxError, ProxyBody};
+use super::{error_response, Shared};
+use crate::event::Event;
+use crate::logging::AccessRecord;
+use crate::worker::{Conn, HttpConn, Slot, WorkerAddr};
+
+async fn connect(addr: &WorkerAddr) -> Result<HttpConn, BoxError> {
+    let WorkerAddr::Tcp(sa) = addr else {
+        return Err("not a command worker".into());
+    };
+    let tcp = TcpStream::connect(sa).await?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(tcp))
+        .await?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Forwards `req` to an idle command worker.
+pub async fn forward(
+    shared: &Arc<Shared>,
+    mut req: Request<Incoming>,
+    client_ip: String,
+    record: Option<AccessRecord>,
+) -> Response<ProxyBody> {
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // Tell the program who the client is, as a proxy in front of it would.
+    let xff = match req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => format!("{prev}, {client_ip}"),
+        None => client_ip.clone(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        req.headers_mut().insert("x-forwarded-for", v);
+    }
+    if !req.headers().contains_key("x-forwarded-proto") {
+        req.headers_mut()
+            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    *req.version_mut() = http::Version::HTTP_11;
+
+    let mut slot = match shared.pool.acquire().await {
+        Ok(s) => s,
+        Err(_) => return shared.reject(StatusCode::SERVICE_UNAVAILABLE, record),
+    };
+    let deadline = Instant::now() + slot.worker.timeout;
+    let mut req = Some(req);
+    let mut fresh_tries = 0;
+    let resp = loop {
+        let mut sender = match slot.conn.take() {
+            Some(Conn::Http(s)) if !s.is_closed() => s,
+            _ => {
+                fresh_tries += 1;
+                match connect(&slot.worker.addr).await {
+                    Ok(s) => s,
+                    Err(e) => return fail(shared, slot, &format!("connect failed: {e}"), record),
+                }
+            }
+        };
+        if sender.ready().await.is_err() {
+            if fresh_tries < 2 {
+                continue;
+            }
+            return fail(shared, slot, "connection not ready", record);
+        }
+        let r = req.take().expect("request present until sent");
+        match tokio::time::timeout_at(deadline, sender.try_send_request(r)).await {
+            Ok(Ok(resp)) => {
+                slot.conn = Some(Conn::Http(sender));
+                break resp;
+            }
+            Ok(Err(mut e)) => match e.take_message() {
+                // Not sent (the pooled connection had closed): retry once on a fresh one.
+                Some(r) if fresh_tries < 2 => {
+                    req = Some(r);
+                    continue;
+                }
+                _ => return fail(shared, slot, &e.into_error().to_string(), record),
+            },
+            Err(_) => {
+                tracing::error!(
+                    worker = slot.worker.id,
+                    pid = slot.worker.pid,
+                    "request timed out waiting for the command worker: 504"
+                );
+                let pid = slot.worker.pid;
+                drop(slot);
+                if let Some(r) = &record {
+                    shared.access.log(r, 504, 0, Some(pid));
+                }
+                return error_response(StatusCode::GATEWAY_TIMEOUT);
+            }
+        }
+    };
+    let mut resp = resp;
+    let status = resp.status();
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let backend_upgrade = hyper::upgrade::on(&mut resp);
+            let (parts, _) = resp.into_parts();
+            let shared2 = shared.clone();
+            slot.conn = None;
+            if let Some(r) = &record {
+                shared.access.log(r, 101, 0, Some(slot.worker.pid));
+            }
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(b)) = (client_upgrade.await, backend_upgrade.await) {
+                    let mut c = TokioIo::new(c);
+                    let mut b = TokioIo::new(b);
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                }
+                shared2.pool.release(slot);
+            });
+            return Response::from_parts(parts, ProxyBody::empty());
+        }
+    }
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(
+        parts,
+        ProxyBody::Http(Box::new(HttpBody {
+            inner: body,
+            slot: Some(slot),
+            shared: shared.clone(),
+            record,
+            status: status.as_u16(),
+            sent: 0,
+        })),
+    )
+}
+
+fn fail(
+    shared: &Shared,
+    slot: Slot,
+    what: &str,
+    record: Option<AccessRecord>,
+) -> Response<ProxyBody> {
+    tracing::error!(
+        worker = slot.worker.id,
+        pid = slot.worker.pid,
+        error = what,
+        "command worker failed: 502"
+    );
+    slot.worker.report(Event::WorkerMisbehaved {
+        id: slot.worker.id,
+        what: what.to_string(),
+    });
+    let pid = slot.worker.pid;
+    // The slot itself stays usable (a new connection is made next time).
+    shared.pool.release(slot);
+    if let Some(r) = &record {
+        shared.access.log(r, 502, 0, Some(pid));
+    }
+    error_response(StatusCode::BAD_GATEWAY)
+}
+
+/// A response body streaming from a command worker; the slot returns when it ends.
+pub struct HttpBody {
+    inner: Incoming,
+    slot: Option<Slot>,
+    shared: Arc<Shared>,
+    record: Option<AccessRecord>,
+    status: u16,
+    sent: u64,
+}
+
+impl HttpBody {
+    fn end(&mut self, keep_conn: bool) {
+        if let Some(mut slot) = self.slot.take() {
+            if let Some(r) = self.record.take() {
+                self.shared
+                    .access
+                    .log(&r, self.status, self.sent, Some(slot.worker.pid));
+            }
+            if !keep_conn {
+                slot.conn = None;
+            }
+            if slot.worker.count_request() {
+                slot.worker
+                    .report(Event::BudgetSpent { id: slot.worker.id });
+            }
+            self.shared.pool.release(slot);
+        }
+    }
+}
+
+impl Body for HttpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.sent += d.len() as u64;
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.end(false);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.end(true);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for HttpBody {
+    fn drop(&mut self) {
+        // Dropped before its end: the connection holds an unfinished response; don't reuse it.
+        self.end(false);
+    }
+}

@@ -1,0 +1,359 @@
+//! The public side: the listener, one hyper HTTP/1.1 connection task per client, and the
+//! per-request handler that reads the request body, takes an idle worker slot and forwards.
+//! Nothing here waits on the master task: the handler reads a shared snapshot of the settings and
+//! takes slots from the [`pool::IdlePool`]; it tells the master about trouble with events.
+
+pub mod body;
+pub mod http;
+pub mod pool;
+pub mod wire;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ::http::header::{self, HeaderValue};
+use ::http::{Request, Response, StatusCode};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+
+use crate::config::{AppKind, Config};
+use crate::logging::{AccessLog, AccessRecord};
+use crate::worker::protocol::{self, RequestFacts, ServerInfo, TrustedProxies};
+pub use body::ProxyBody;
+use pool::IdlePool;
+
+/// Settings the request path reads; replaced as a whole on reload.
+#[derive(Debug)]
+pub struct Settings {
+    pub limit_request_body: u64,
+    pub ready_path: String,
+    pub trusted: TrustedProxies,
+    pub server: ServerInfo,
+    pub wsgi: bool,
+    pub keepalive: Duration,
+    pub limit_request_header: usize,
+    pub limit_request_fields: usize,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &Config) -> Self {
+        Settings {
+            limit_request_body: cfg.limit_request_body,
+            ready_path: cfg.ready_path.clone(),
+            trusted: TrustedProxies::new(&cfg.forwarded_allow_ips),
+            server: ServerInfo {
+                name: cfg.bind.ip().to_string(),
+                port: cfg.bind.port().to_string(),
+            },
+            wsgi: matches!(cfg.app.kind, AppKind::Wsgi { .. }),
+            keepalive: cfg.workers.keepalive,
+            limit_request_header: cfg.limit_request_header,
+            limit_request_fields: cfg.limit_request_fields,
+        }
+    }
+}
+
+/// State shared by the request path and the master.
+pub struct Shared {
+    pub pool: IdlePool,
+    pub settings: RwLock<Arc<Settings>>,
+    /// Workers ready and not retiring (for the readiness path).
+    pub ready_workers: AtomicUsize,
+    pub access: AccessLog,
+    open_connections: AtomicUsize,
+    connections_gone: Notify,
+}
+
+impl Shared {
+    pub fn new(cfg: &Config, access: AccessLog) -> Self {
+        Shared {
+            pool: IdlePool::new(cfg.workers.queue),
+            settings: RwLock::new(Arc::new(Settings::from_config(cfg))),
+            ready_workers: AtomicUsize::new(0),
+            access,
+            open_connections: AtomicUsize::new(0),
+            connections_gone: Notify::new(),
+        }
+    }
+
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .map(|s| Arc::clone(&s))
+            .unwrap_or_else(|p| Arc::clone(&p.into_inner()))
+    }
+
+    pub fn set_settings(&self, s: Settings) {
+        match self.settings.write() {
+            Ok(mut g) => *g = Arc::new(s),
+            Err(p) => *p.into_inner() = Arc::new(s),
+        }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open_connections.load(Ordering::SeqCst)
+    }
+
+    /// An error response the proxy produced itself (no worker involved), logged.
+    pub fn reject(&self, status: StatusCode, record: Option<AccessRecord>) -> Response<ProxyBody> {
+        let resp = error_response(status);
+        if let Some(r) = &record {
+            let len = match resp.body() {
+                ProxyBody::Full(Some(b)) => b.len() as u64,
+                _ => 0,
+            };
+            self.access.log(r, status.as_u16(), len, None);
+        }
+        resp
+    }
+}
+
+/// A short plain-text error: never a traceback, a path or a version.
+pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
+    let text = match status {
+        StatusCode::BAD_REQUEST => "Bad Request\n",
+        StatusCode::PAYLOAD_TOO_LARGE => "Payload Too Large\n",
+        StatusCode::BAD_GATEWAY => "Bad Gateway\n",
+        StatusCode::SERVICE_UNAVAILABLE => "Service Unavailable\n",
+        StatusCode::GATEWAY_TIMEOUT => "Gateway Timeout\n",
+        _ => "Error\n",
+    };
+    let mut r = Response::new(ProxyBody::full(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
+}
+
+/// Handles one request.
+pub async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let start = std::time::Instant::now();
+    let settings = shared.settings();
+
+    if req.uri().path() == settings.ready_path
+        && (req.method() == ::http::Method::GET || req.method() == ::http::Method::HEAD)
+    {
+        let ready = shared.ready_workers.load(Ordering::Relaxed);
+        let (status, text) = if ready > 0 {
+            (StatusCode::OK, "OK\n")
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, "no worker ready\n")
+        };
+        let mut r = Response::new(ProxyBody::full(Bytes::from_static(text.as_bytes())));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        return Ok(r);
+    }
+
+    let client_ip: Option<Vec<u8>> =
+        protocol::forwarded_client(req.headers(), peer.ip(), &settings.trusted).map(<[u8]>::to_vec);
+    let client_ip_string = match &client_ip {
+        Some(ip) => String::from_utf8_lossy(ip).into_owned(),
+        None => peer.ip().to_string(),
+    };
+    let record = shared.access.enabled().then(|| AccessRecord {
+        remote: client_ip_string.clone(),
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        version: req.version(),
+        referer: req.headers().get(header::REFERER).cloned(),
+        user_agent: req.headers().get(header::USER_AGENT).cloned(),
+        start,
+    });
+
+    // Refuse an announced oversized body before reading any of it.
+    if let Some(cl) = req.headers().get(header::CONTENT_LENGTH) {
+        match cl.to_str().ok().and_then(|s| s.parse::<u64>().ok()) {
+            Some(n) if n > settings.limit_request_body => {
+                let mut r = shared.reject(StatusCode::PAYLOAD_TOO_LARGE, record);
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(r);
+            }
+            Some(_) => {}
+            None => return Ok(shared.reject(StatusCode::BAD_REQUEST, record)),
+        }
+    }
+
+    if !settings.wsgi {
+        return Ok(http::forward(&shared, req, client_ip_string, record).await);
+    }
+
+    let (parts, mut body) = req.into_parts();
+    // Read the whole body first: a slow upload never holds a Python worker.
+    let has_body = parts.headers.contains_key(header::CONTENT_LENGTH)
+        || parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total: u64 = 0;
+    if has_body {
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Ok(data) = f.into_data() {
+                        total += data.len() as u64;
+                        if total > settings.limit_request_body {
+                            let mut r = shared.reject(StatusCode::PAYLOAD_TOO_LARGE, record);
+                            r.headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                            return Ok(r);
+                        }
+                        if !data.is_empty() {
+                            chunks.push(data);
+                        }
+                    }
+                }
+                Err(_) => return Ok(shared.reject(StatusCode::BAD_REQUEST, record)),
+            }
+        }
+    }
+    let scheme = match parts.headers.get("x-forwarded-proto").map(|v| v.as_bytes()) {
+        Some(b"https") if client_ip.is_some() || settings.trusted.contains(peer.ip()) => "https",
+        _ => "http",
+    };
+    let facts = RequestFacts {
+        method: &parts.method,
+        uri: &parts.uri,
+        version: parts.version,
+        headers: &parts.headers,
+        remote: peer,
+        remote_ip_override: client_ip.as_deref(),
+        scheme,
+        server: &settings.server,
+        body_len: total,
+        has_body,
+    };
+    let mut frame = Vec::with_capacity(256 + parts.headers.len() * 48);
+    if protocol::encode_request(&mut frame, &facts).is_err() {
+        return Ok(shared.reject(StatusCode::BAD_REQUEST, record));
+    }
+    drop(parts);
+    Ok(wire::forward(&shared, Bytes::from(frame), chunks, record).await)
+}
+
+/// Binds the public listener.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(backlog)
+}
+
+/// Accepts clients until `stop` turns true, then waits (up to `grace`) for open connections to
+/// finish their in-flight requests, and returns.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    grace_rx: watch::Receiver<Duration>,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    shared.open_connections.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(serve_connection(tcp, peer, shared.clone(), stop.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off a little instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.changed() => {
+                if *stop.borrow() { break; }
+            }
+        }
+    }
+    drop(listener);
+    let grace = *grace_rx.borrow();
+    let wait = async {
+        loop {
+            let notified = shared.connections_gone.notified();
+            if shared.open_connections.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    };
+    if tokio::time::timeout(grace, wait).await.is_err() {
+        tracing::warn!(
+            open = shared.open_connections.load(Ordering::SeqCst),
+            "graceful_timeout reached with requests still in flight"
+        );
+    }
+}
+
+struct ConnGuard(Arc<Shared>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.0.open_connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.connections_gone.notify_waiters();
+        }
+    }
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _guard = ConnGuard(shared.clone());
+    let settings = shared.settings();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .max_buf_size(settings.limit_request_header.max(8192))
+        .max_headers(settings.limit_request_fields);
+    if settings.keepalive.is_zero() {
+        builder.keep_alive(false);
+        builder.header_read_timeout(Duration::from_secs(30));
+    } else {
+        builder.header_read_timeout(settings.keepalive);
+    }
+    drop(settings);
+    let svc_shared = shared.clone();
+    let svc = hyper::service::service_fn(move |req| handle(req, peer, svc_shared.clone()));
+    let conn = builder
+        .serve_connection(TokioIo::new(tcp), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    if *stop.borrow() {
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+        return;
+    }
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Idle slots: the structure the request path takes workers from, built so a request never waits
+//! on the master task. A request takes an idle slot if there is one; otherwise it queues (FIFO, up
+//! to `queue` waiters, then 503). A returned slot goes straight to the oldest waiter. There is no
+//! round robin: a sync worker has exactly one slot, so a slow request never has a fast one queued
+//! behind it on the same worker while another worker sits idle.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::oneshot;
+
+use crate::worker::{Slot, WorkerId};
+
+/// Why no slot could be had.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AcquireError {
+    /// `queue` requests are already waiting.
+    QueueFull,
+    /// The pool is shut down.
+    Closed,
+}
+
+struct Inner {
+    /// Idle slots, most recently returned last (taken first: its worker is warm).
+    idle: Vec<Slot>,
+    waiters: VecDeque<oneshot::Sender<Slot>>,
+    queue_limit: usize,
+    closed: bool,
+}
+
+/// The pool of idle slots.
+pub struct IdlePool {
+    inner: Mutex<Inner>,
+}
+
+impl IdlePool {
+    pub fn new(queue_limit: usize) -> Self {
+        IdlePool {
+            inner: Mutex::new(Inner {
+                idle: Vec::new(),
+                waiters: VecDeque::new(),
+                queue_limit,
+                closed: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave it inconsistent (plain pushes and pops).
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes an idle slot, waiting in the queue if none is idle.
+    pub async fn acquire(&self) -> Result<Slot, AcquireError> {
+        let rx = {
+            let mut retired = Vec::new();
+            let mut g = self.lock();
+            while let Some(slot) = g.idle.pop() {
+                if slot.worker.is_retiring() {
+                    retired.push(slot);
+                    continue;
+                }
+                drop(g);
+                drop(retired);
+                return Ok(slot);
+            }
+            if g.closed {
+                return Err(AcquireError::Closed);
+            }
+            if g.waiters.len() >= g.queue_limit {
+                g.waiters.retain(|w| !w.is_closed());
+                if g.waiters.len() >= g.queue_limit {
+                    return Err(AcquireError::QueueFull);
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            g.waiters.push_back(tx);
+            rx
+        };
+        rx.await.map_err(|_| AcquireError::Closed)
+    }
+
+    /// Gives a slot back: to the oldest waiter, or to the idle set. Slots of retiring workers are dropped.
+    pub fn release(&self, slot: Slot) {
+        if slot.worker.is_retiring() {
+            return;
+        }
+        let mut slot = slot;
+        let mut g = self.lock();
+        while let Some(w) = g.waiters.pop_front() {
+            match w.send(slot) {
+                Ok(()) => return,
+                Err(back) => slot = back,
+            }
+        }
+        g.idle.push(slot);
+    }
+
+    /// Adds the slots of a worker that became ready.
+    pub fn add(&self, slots: Vec<Slot>) {
+        for s in slots {
+            self.release(s);
+        }
+    }
+
+    /// Removes the idle slots of one worker (it is retiring or gone).
+    pub fn purge(&self, id: WorkerId) {
+        let removed: Vec<Slot> = {
+            let mut g = self.lock();
+            let (gone, keep): (Vec<Slot>, Vec<Slot>) =
+                g.idle.drain(..).partition(|s| s.worker.id == id);
+            g.idle = keep;
+            gone
+        };
+        drop(removed);
+    }
+
+    pub fn set_queue_limit(&self, n: usize) {
+        self.lock().queue_limit = n;
+    }
+
+    /// Requests waiting for a slot.
+    pub fn queued(&self) -> usize {
+        self.lock().waiters.len()
+    }
+
+    /// Refuses new waiters and fails the queued ones; drops idle slots.
+    pub fn close(&self) {
+        let (idle, waiters) = {
+            let mut g = self.lock();
+            g.closed = true;
+            (std::mem::take(&mut g.idle), std::mem::take(&mut g.waiters))
+        };
+        drop(idle);
+        drop(waiters);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::{WorkerAddr, WorkerInfo};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn worker(
+        id: u64,
+    ) -> (
+        Arc<WorkerInfo>,
+        tokio::sync::mpsc::UnboundedReceiver<crate::event::Event>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (
+            Arc::new(WorkerInfo::new(
+                id,
+                1,
+                WorkerAddr::Unix("/nonexistent".into()),
+                Duration::from_secs(1),
+                0,
+                tx,
+            )),
+            rx,
+        )
+    }
+
+    #[tokio::test]
+    async fn waiter_gets_released_slot_fifo_and_queue_bound() {
+        let pool = Arc::new(IdlePool::new(1));
+        let (w, _rx) = worker(1);
+        pool.add(w.make_slots(1));
+        let s = pool.acquire().await.unwrap();
+        let p2 = pool.clone();
+        let waiter = tokio::spawn(async move { p2.acquire().await.map(|s| s.worker.id) });
+        while pool.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pool.acquire().await.err(), Some(AcquireError::QueueFull));
+        pool.release(s);
+        assert_eq!(waiter.await.unwrap(), Ok(1));
+    }
+
+    #[tokio::test]
+    async fn retiring_worker_slots_are_skipped_and_drained_event_sent() {
+        let pool = IdlePool::new(4);
+        let (w1, mut rx1) = worker(1);
+        let (w2, _rx2) = worker(2);
+        pool.add(w1.make_slots(1));
+        pool.add(w2.make_slots(1));
+        assert!(!w1.retire());
+        let s = pool.acquire().await.unwrap();
+        assert_eq!(s.worker.id, 2);
+        pool.purge(1);
+        assert!(matches!(
+            rx1.try_recv(),
+            Ok(crate::event::Event::WorkerDrained { id: 1 })
+        ));
+    }
+}

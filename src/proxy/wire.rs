@@ -1,0 +1,527 @@
+//! Forwarding one request to a bundled WSGI worker over its unix socket (see
+//! `src/python/PROTOCOL.md`). The request body has already been read in full by the master, so a
+//! slow client never holds a Python worker. The response head is awaited under the per-request
+//! deadline; a response that is complete in the first reads (the common case) is handed to hyper
+//! as one buffer and the slot goes back at once; otherwise the body streams frame by frame.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Response, StatusCode};
+use http_body::Frame as BodyFrame;
+use tokio::net::UnixStream;
+use tokio::time::{Instant, Sleep};
+
+use super::body::{BoxError, ProxyBody};
+use super::{error_response, Shared};
+use crate::event::Event;
+use crate::logging::AccessRecord;
+use crate::worker::protocol::{self, Frame};
+use crate::worker::{Conn, Slot, WireConn, WorkerAddr};
+
+/// Why an exchange with a worker failed.
+#[derive(Debug)]
+pub enum WireError {
+    Io(io::Error),
+    Eof,
+    Protocol(String),
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WireError::Io(e) => write!(f, "i/o error: {e}"),
+            WireError::Eof => write!(f, "the worker closed the connection mid-request"),
+            WireError::Protocol(m) => write!(f, "protocol error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for WireError {}
+
+impl WireConn {
+    /// Writes whatever request bytes are still pending.
+    fn poll_flush_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() {
+            ready!(self.stream.poll_write_ready(cx))?;
+            let mut iov = [IoSlice::new(&[]); 32];
+            let n = self.out.len().min(iov.len());
+            for (slot, b) in iov.iter_mut().zip(self.out.iter()) {
+                *slot = IoSlice::new(b);
+            }
+            match self.stream.try_write_vectored(&iov[..n]) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(mut written) => {
+                    while written > 0 {
+                        let front = self.out.front_mut().expect("written <= pending");
+                        if written >= front.len() {
+                            written -= front.len();
+                            self.out.pop_front();
+                        } else {
+                            front.advance(written);
+                            written = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Makes progress on both directions and returns the next frame from the worker.
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, WireError>> {
+        loop {
+            if !self.out.is_empty() {
+                if let Poll::Ready(Err(e)) = self.poll_flush_out(cx) {
+                    return Poll::Ready(Err(WireError::Io(e)));
+                }
+            }
+            if let Some(f) =
+                protocol::take_frame(&mut self.buf).map_err(|e| WireError::Protocol(e.0))?
+            {
+                return Poll::Ready(Ok(f));
+            }
+            if self.buf.capacity() - self.buf.len() < 4096 {
+                self.buf.reserve(32 * 1024);
+            }
+            ready!(self.stream.poll_read_ready(cx)).map_err(WireError::Io)?;
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return Poll::Ready(Err(WireError::Eof)),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(WireError::Io(e))),
+            }
+        }
+    }
+
+    async fn next_frame(&mut self) -> Result<Frame, WireError> {
+        std::future::poll_fn(|cx| self.poll_frame(cx)).await
+    }
+}
+
+/// Opens a connection to a bundled worker.
+async fn connect(addr: &WorkerAddr) -> io::Result<WireConn> {
+    match addr {
+        WorkerAddr::Unix(p) => Ok(WireConn::new(UnixStream::connect(p).await?)),
+        WorkerAddr::Tcp(_) => Err(io::Error::other("not a bundled worker")),
+    }
+}
+
+/// Sends `request` (the `R` frame) and `body` to an idle bundled worker and returns the response.
+pub async fn forward(
+    shared: &Arc<Shared>,
+    request: Bytes,
+    body: Vec<Bytes>,
+    record: Option<AccessRecord>,
+) -> Response<ProxyBody> {
+    let mut attempts = 0;
+    let (mut slot, mut conn) = loop {
+        let mut slot = match shared.pool.acquire().await {
+            Ok(s) => s,
+            Err(_) => return shared.reject(StatusCode::SERVICE_UNAVAILABLE, record),
+        };
+        match slot.conn.take() {
+            Some(Conn::Wire(c)) => break (slot, c),
+            _ => match connect(&slot.worker.addr).await {
+                Ok(c) => break (slot, c),
+                Err(e) => {
+                    // Nothing was sent: safe to try another worker.
+                    slot.worker.report(Event::WorkerMisbehaved {
+                        id: slot.worker.id,
+                        what: format!("connect failed: {e}"),
+                    });
+                    drop(slot);
+                    attempts += 1;
+                    if attempts >= 3 {
+                        return shared.reject(StatusCode::BAD_GATEWAY, record);
+                    }
+                }
+            },
+        }
+    };
+    conn.out.push_back(request);
+    conn.out.extend(body);
+    let deadline = Instant::now() + slot.worker.timeout;
+
+    let head = tokio::time::timeout_at(deadline, conn.next_frame()).await;
+    let start = match head {
+        Ok(Ok(Frame::Start(p))) => p,
+        Ok(Ok(other)) => {
+            return fail(
+                shared,
+                slot,
+                &format!("expected a start frame, got {other:?}"),
+                record,
+            )
+        }
+        Ok(Err(e)) => return fail(shared, slot, &e.to_string(), record),
+        Err(_) => return timed_out(shared, slot, record),
+    };
+    let (status, reason, headers) = match protocol::parse_start(&start) {
+        Ok(x) => x,
+        Err(e) => return fail(shared, slot, &e.0, record),
+    };
+    let mut resp = Response::new(ProxyBody::empty());
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    if let Some(r) = reason {
+        if let Ok(rp) = hyper::ext::ReasonPhrase::try_from(r) {
+            resp.extensions_mut().insert(rp);
+        }
+    }
+
+    // Take whatever is already buffered: often the whole body and the end frame.
+    let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    loop {
+        match protocol::take_frame(&mut conn.buf) {
+            Ok(Some(Frame::Body(b))) => chunks.push_back(b),
+            Ok(Some(Frame::End)) if conn.out.is_empty() => {
+                let body = match chunks.len() {
+                    0 => None,
+                    1 => chunks.pop_front(),
+                    _ => {
+                        let mut all = BytesMut::with_capacity(chunks.iter().map(|c| c.len()).sum());
+                        for c in chunks {
+                            all.extend_from_slice(&c);
+                        }
+                        Some(all.freeze())
+                    }
+                };
+                let len = body.as_ref().map_or(0, |b| b.len() as u64);
+                let pid = slot.worker.pid;
+                finish(shared, slot, conn);
+                if let Some(r) = &record {
+                    shared.access.log(r, status.as_u16(), len, Some(pid));
+                }
+                *resp.body_mut() = ProxyBody::Full(body);
+                return resp;
+            }
+            Ok(Some(Frame::End)) => {
+                // The app answered before reading the whole request body; the rest is still being
+                // written. Stream so the write can finish.
+                conn.buf = {
+                    let mut b = BytesMut::with_capacity(5 + conn.buf.len());
+                    b.extend_from_slice(b"E\0\0\0\0");
+                    b.extend_from_slice(&conn.buf);
+                    b
+                };
+                break;
+            }
+            Ok(Some(Frame::Abort(why))) => {
+                let pid = slot.worker.pid;
+                finish(shared, slot, conn);
+                tracing::warn!(pid, reason = %String::from_utf8_lossy(&why), "app failed after sending headers; client connection aborted");
+                if let Some(r) = &record {
+                    shared.access.log(r, status.as_u16(), 0, Some(pid));
+                }
+                // Headers already out from the app's point of view: cut the client connection.
+                *resp.body_mut() = ProxyBody::Wire(Box::new(WireBody::aborted(shared.clone())));
+                return resp;
+            }
+            Ok(Some(other)) => {
+                return fail(shared, slot, &format!("unexpected frame {other:?}"), record)
+            }
+            Ok(None) => break,
+            Err(e) => return fail(shared, slot, &e.0, record),
+        }
+    }
+    let timeout = slot.worker.timeout;
+    slot.conn = None;
+    *resp.body_mut() = ProxyBody::Wire(Box::new(WireBody {
+        shared: shared.clone(),
+        slot: Some(slot),
+        conn: Some(conn),
+        pending: chunks,
+        deadline: Box::pin(tokio::time::sleep(timeout)),
+        timeout,
+        record,
+        status: status.as_u16(),
+        sent: 0,
+        done: false,
+        abort: false,
+    }));
+    resp
+}
+
+/// The exchange ended cleanly: count it, give the slot (with its connection) back.
+fn finish(shared: &Shared, mut slot: Slot, conn: WireConn) {
+    if slot.worker.count_request() {
+        slot.worker
+            .report(Event::BudgetSpent { id: slot.worker.id });
+    }
+    slot.conn = Some(Conn::Wire(conn));
+    shared.pool.release(slot);
+}
+
+fn fail(
+    shared: &Shared,
+    slot: Slot,
+    what: &str,
+    record: Option<AccessRecord>,
+) -> Response<ProxyBody> {
+    tracing::error!(
+        worker = slot.worker.id,
+        pid = slot.worker.pid,
+        error = what,
+        "worker failed mid-request: 502"
+    );
+    slot.worker.report(Event::WorkerMisbehaved {
+        id: slot.worker.id,
+        what: what.to_string(),
+    });
+    let pid = slot.worker.pid;
+    drop(slot);
+    let resp = error_response(StatusCode::BAD_GATEWAY);
+    if let Some(r) = &record {
+        shared.access.log(r, 502, resp_len(&resp), Some(pid));
+    }
+    resp
+}
+
+fn timed_out(shared: &Shared, slot: Slot, record: Option<AccessRecord>) -> Response<ProxyBody> {
+    tracing::error!(worker = slot.worker.id, pid = slot.worker.pid, timeout = ?slot.worker.timeout, "request timed out: 504, aborting the worker");
+    slot.worker
+        .report(Event::RequestTimedOut { id: slot.worker.id });
+    let pid = slot.worker.pid;
+    drop(slot);
+    let resp = error_response(StatusCode::GATEWAY_TIMEOUT);
+    if let Some(r) = &record {
+        shared.access.log(r, 504, resp_len(&resp), Some(pid));
+    }
+    resp
+}
+
+fn resp_len(r: &Response<ProxyBody>) -> u64 {
+    match r.body() {
+        ProxyBody::Full(Some(b)) => b.len() as u64,
+        _ => 0,
+    }
+}
+
+/// A response body still arriving from a bundled worker.
+pub struct WireBody {
+    shared: Arc<Shared>,
+    slot: Option<Slot>,
+    conn: Option<WireConn>,
+    pending: VecDeque<Bytes>,
+    /// Longest silence allowed between body frames.
+    deadline: Pin<Box<Sleep>>,
+    timeout: std::time::Duration,
+    record: Option<AccessRecord>,
+    status: u16,
+    sent: u64,
+    done: bool,
+    /// End the client's body with an error (the connection is cut).
+    abort: bool,
+}
+
+impl WireBody {
+    fn aborted(shared: Arc<Shared>) -> Self {
+        WireBody {
+            shared,
+            slot: None,
+            conn: None,
+            pending: VecDeque::new(),
+            deadline: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
+            timeout: std::time::Duration::ZERO,
+            record: None,
+            status: 0,
+            sent: 0,
+            done: false,
+            abort: true,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn log(&mut self) {
+        if let Some(r) = self.record.take() {
+            let pid = self.slot.as_ref().map(|s| s.worker.pid);
+            self.shared.access.log(&r, self.status, self.sent, pid);
+        }
+    }
+
+    pub fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<BodyFrame<Bytes>, BoxError>>> {
+        if self.abort {
+            self.abort = false;
+            self.done = true;
+            return Poll::Ready(Some(Err(
+                "the application failed while streaming the response".into(),
+            )));
+        }
+        if let Some(b) = self.pending.pop_front() {
+            self.sent += b.len() as u64;
+            return Poll::Ready(Some(Ok(BodyFrame::data(b))));
+        }
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            self.done = true;
+            return Poll::Ready(None);
+        };
+        let res = match conn.poll_frame(cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => {
+                if self.deadline.as_mut().poll(cx).is_ready() {
+                    let slot = self.slot.take().expect("slot held while streaming");
+                    tracing::error!(
+                        worker = slot.worker.id,
+                        pid = slot.worker.pid,
+                        "response stalled past the timeout: aborting the worker"
+                    );
+                    slot.worker
+                        .report(Event::RequestTimedOut { id: slot.worker.id });
+                    self.log_with(Some(slot.worker.pid));
+                    self.conn = None;
+                    self.done = true;
+                    return Poll::Ready(Some(Err("worker timed out mid-response".into())));
+                }
+                return Poll::Pending;
+            }
+        };
+        match res {
+            Ok(Frame::Body(b)) => {
+                let next = Instant::now() + self.timeout;
+                self.deadline.as_mut().reset(next);
+                self.sent += b.len() as u64;
+                Poll::Ready(Some(Ok(BodyFrame::data(b))))
+            }
+            Ok(Frame::End) => {
+                self.done = true;
+                self.log();
+                if let (Some(slot), Some(conn)) = (self.slot.take(), self.conn.take()) {
+                    if conn.out.is_empty() {
+                        finish(&self.shared, slot, conn);
+                    } else {
+                        // Request bytes still unwritten: hand the rest to a drain task.
+                        tokio::spawn(drain(self.shared.clone(), slot, conn, self.timeout, true));
+                    }
+                }
+                Poll::Ready(None)
+            }
+            Ok(Frame::Abort(why)) => {
+                self.done = true;
+                self.log();
+                tracing::warn!(reason = %String::from_utf8_lossy(&why), "app failed while streaming; client connection aborted");
+                if let (Some(slot), Some(conn)) = (self.slot.take(), self.conn.take()) {
+                    finish(&self.shared, slot, conn);
+                }
+                Poll::Ready(Some(Err(
+                    "the application failed while streaming the response".into(),
+                )))
+            }
+            Ok(other) => self.broken(&format!("unexpected frame {other:?}")),
+            Err(e) => self.broken(&e.to_string()),
+        }
+    }
+
+    fn broken(&mut self, what: &str) -> Poll<Option<Result<BodyFrame<Bytes>, BoxError>>> {
+        self.done = true;
+        self.conn = None;
+        if let Some(slot) = self.slot.take() {
+            tracing::error!(
+                worker = slot.worker.id,
+                pid = slot.worker.pid,
+                error = what,
+                "worker failed while streaming a response"
+            );
+            slot.worker.report(Event::WorkerMisbehaved {
+                id: slot.worker.id,
+                what: what.to_string(),
+            });
+            self.log_with(Some(slot.worker.pid));
+        }
+        Poll::Ready(Some(Err(format!("worker failed: {what}").into())))
+    }
+
+    fn log_with(&mut self, pid: Option<u32>) {
+        if let Some(r) = self.record.take() {
+            self.shared.access.log(&r, self.status, self.sent, pid);
+        }
+    }
+}
+
+impl Drop for WireBody {
+    fn drop(&mut self) {
+        // The client went away mid-response: the worker is still busy with it. Read the rest off
+        // the connection so the slot returns only when the worker is really idle.
+        if let (Some(slot), Some(conn)) = (self.slot.take(), self.conn.take()) {
+            self.log_with(Some(slot.worker.pid));
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(drain(self.shared.clone(), slot, conn, self.timeout, false));
+            }
+        } else {
+            self.log();
+        }
+    }
+}
+
+/// Reads and discards the rest of a response, then returns the slot.
+async fn drain(
+    shared: Arc<Shared>,
+    slot: Slot,
+    mut conn: WireConn,
+    timeout: std::time::Duration,
+    ended: bool,
+) {
+    if ended {
+        // Only the request write is left.
+        let r =
+            tokio::time::timeout(timeout, std::future::poll_fn(|cx| conn.poll_flush_out(cx))).await;
+        match r {
+            Ok(Ok(())) => finish(&shared, slot, conn),
+            _ => slot.worker.report(Event::WorkerMisbehaved {
+                id: slot.worker.id,
+                what: "request body write failed".into(),
+            }),
+        }
+        return;
+    }
+    let mut deadline = Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.next_frame()).await {
+            Ok(Ok(Frame::Body(_))) => deadline = Instant::now() + timeout,
+            Ok(Ok(Frame::End)) | Ok(Ok(Frame::Abort(_))) => {
+                if conn.out.is_empty() {
+                    finish(&shared, slot, conn);
+                } else {
+                    conn.buf.clear();
+                    let r = tokio::time::timeout(
+                        timeout,
+                        std::future::poll_fn(|cx| conn.poll_flush_out(cx)),
+                    )
+                    .await;
+                    if matches!(r, Ok(Ok(()))) {
+                        finish(&shared, slot, conn);
+                    }
+                }
+                return;
+            }
+            Ok(Ok(_)) | Ok(Err(_)) => {
+                slot.worker.report(Event::WorkerMisbehaved {
+                    id: slot.worker.id,
+                    what: "broken response while draining".into(),
+                });
+                return;
+            }
+            Err(_) => {
+                slot.worker
+                    .report(Event::RequestTimedOut { id: slot.worker.id });
+                return;
+            }
+        }
+    }
+}
