@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::body::{BoxError, ProxyBody};
+use super::pool::SlotHold;
 use super::{error_response, Shared};
 use crate::event::Event;
 use crate::logging::AccessRecord;
@@ -73,21 +74,23 @@ pub async fn forward(
     }
     *req.version_mut() = http::Version::HTTP_11;
 
-    let mut slot = match shared.pool.acquire().await {
+    let slot = match shared.pool.acquire().await {
         Ok(s) => s,
         Err(_) => return shared.reject(StatusCode::SERVICE_UNAVAILABLE, record),
     };
-    let deadline = Instant::now() + slot.worker.timeout;
+    let mut hold = SlotHold::new(&shared.pool, slot);
+    let deadline = Instant::now() + hold.get().worker.timeout;
+    let addr = hold.get().worker.addr.clone();
     let mut req = Some(req);
     let mut fresh_tries = 0;
-    let resp = loop {
-        let mut sender = match slot.conn.take() {
+    let (resp, mut slot) = loop {
+        let mut sender = match hold.get().conn.take() {
             Some(Conn::Http(s)) if !s.is_closed() => s,
             _ => {
                 fresh_tries += 1;
-                match connect(&slot.worker.addr).await {
+                match connect(&addr).await {
                     Ok(s) => s,
-                    Err(e) => return fail(shared, slot, &format!("connect failed: {e}"), record),
+                    Err(e) => return fail(shared, hold.take(), &format!("connect failed: {e}"), record),
                 }
             }
         };
@@ -95,13 +98,14 @@ pub async fn forward(
             if fresh_tries < 2 {
                 continue;
             }
-            return fail(shared, slot, "connection not ready", record);
+            return fail(shared, hold.take(), "connection not ready", record);
         }
         let r = req.take().expect("request present until sent");
         match tokio::time::timeout_at(deadline, sender.try_send_request(r)).await {
             Ok(Ok(resp)) => {
+                let mut slot = hold.take();
                 slot.conn = Some(Conn::Http(sender));
-                break resp;
+                break (resp, slot);
             }
             Ok(Err(mut e)) => match e.take_message() {
                 // Not sent (the pooled connection had closed): retry once on a fresh one.
@@ -109,16 +113,14 @@ pub async fn forward(
                     req = Some(r);
                     continue;
                 }
-                _ => return fail(shared, slot, &e.into_error().to_string(), record),
+                _ => return fail(shared, hold.take(), &e.into_error().to_string(), record),
             },
             Err(_) => {
-                tracing::error!(
-                    worker = slot.worker.id,
-                    pid = slot.worker.pid,
-                    "request timed out waiting for the command worker: 504"
-                );
+                let slot = hold.take();
+                tracing::error!(worker = slot.worker.id, pid = slot.worker.pid, "request timed out waiting for the command worker: 504");
                 let pid = slot.worker.pid;
-                drop(slot);
+                // The connection is dropped with the sender; the slot itself stays usable.
+                shared.pool.release(slot);
                 if let Some(r) = &record {
                     shared.access.log(r, 504, 0, Some(pid));
                 }

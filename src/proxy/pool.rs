@@ -77,7 +77,7 @@ impl IdlePool {
             g.waiters.push_back(tx);
             rx
         };
-        rx.await.map_err(|_| AcquireError::Closed)
+        Waiting { rx, pool: self }.await
     }
 
     /// Gives a slot back: to the oldest waiter, or to the idle set. Slots of retiring workers are dropped.
@@ -133,6 +133,66 @@ impl IdlePool {
         };
         drop(idle);
         drop(waiters);
+    }
+}
+
+/// A queued request's receiver. If the request is cancelled (client gone) after a slot was already
+/// handed to it, the slot goes back to the pool instead of being lost.
+struct Waiting<'a> {
+    rx: oneshot::Receiver<Slot>,
+    pool: &'a IdlePool,
+}
+
+impl std::future::Future for Waiting<'_> {
+    type Output = Result<Slot, AcquireError>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.map_err(|_| AcquireError::Closed))
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Ok(slot) = self.rx.try_recv() {
+            self.pool.release(slot);
+        }
+    }
+}
+
+/// Holds a slot across awaits: if the request is cancelled, the slot goes back to the pool
+/// (without its connection, whose state is then unknown).
+pub struct SlotHold<'a> {
+    pool: &'a IdlePool,
+    slot: Option<Slot>,
+}
+
+impl<'a> SlotHold<'a> {
+    pub fn new(pool: &'a IdlePool, slot: Slot) -> Self {
+        SlotHold {
+            pool,
+            slot: Some(slot),
+        }
+    }
+    pub fn get(&mut self) -> &mut Slot {
+        self.slot.as_mut().expect("slot present until taken")
+    }
+    /// Disarms the guard.
+    pub fn take(mut self) -> Slot {
+        self.slot.take().expect("slot present until taken")
+    }
+}
+
+impl Drop for SlotHold<'_> {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.slot.take() {
+            s.conn = None;
+            self.pool.release(s);
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::net::UnixStream;
 use tokio::time::{Instant, Sleep};
 
 use super::body::{BoxError, ProxyBody};
+use super::pool::SlotHold;
 use super::{error_response, Shared};
 use crate::event::Event;
 use crate::logging::AccessRecord;
@@ -122,35 +123,51 @@ pub async fn forward(
     record: Option<AccessRecord>,
 ) -> Response<ProxyBody> {
     let mut attempts = 0;
-    let (mut slot, mut conn) = loop {
-        let mut slot = match shared.pool.acquire().await {
+    let (slot, mut conn) = loop {
+        let slot = match shared.pool.acquire().await {
             Ok(s) => s,
             Err(_) => return shared.reject(StatusCode::SERVICE_UNAVAILABLE, record),
         };
-        match slot.conn.take() {
-            Some(Conn::Wire(c)) => break (slot, c),
-            _ => match connect(&slot.worker.addr).await {
-                Ok(c) => break (slot, c),
-                Err(e) => {
-                    // Nothing was sent: safe to try another worker.
-                    slot.worker.report(Event::WorkerMisbehaved {
-                        id: slot.worker.id,
-                        what: format!("connect failed: {e}"),
-                    });
-                    drop(slot);
-                    attempts += 1;
-                    if attempts >= 3 {
-                        return shared.reject(StatusCode::BAD_GATEWAY, record);
+        let mut hold = SlotHold::new(&shared.pool, slot);
+        match hold.get().conn.take() {
+            Some(Conn::Wire(c)) => break (hold.take(), c),
+            _ => {
+                let addr = hold.get().worker.addr.clone();
+                match connect(&addr).await {
+                    Ok(c) => break (hold.take(), c),
+                    Err(e) => {
+                        // Nothing was sent: safe to try another worker.
+                        let slot = hold.take();
+                        slot.worker.report(Event::WorkerMisbehaved {
+                            id: slot.worker.id,
+                            what: format!("connect failed: {e}"),
+                        });
+                        drop(slot);
+                        attempts += 1;
+                        if attempts >= 3 {
+                            return shared.reject(StatusCode::BAD_GATEWAY, record);
+                        }
                     }
                 }
-            },
+            }
         }
     };
     conn.out.push_back(request);
     conn.out.extend(body);
-    let deadline = Instant::now() + slot.worker.timeout;
+    let timeout = slot.worker.timeout;
+    let deadline = Instant::now() + timeout;
 
-    let head = tokio::time::timeout_at(deadline, conn.next_frame()).await;
+    // If the client goes away while the worker works, the guard drains the answer in the
+    // background and returns the slot only when the worker is idle again.
+    let mut inflight = InFlight {
+        shared,
+        parts: Some((slot, conn)),
+    };
+    let head = {
+        let (_, conn) = inflight.parts.as_mut().expect("parts present");
+        tokio::time::timeout_at(deadline, conn.next_frame()).await
+    };
+    let (mut slot, mut conn) = inflight.parts.take().expect("parts present");
     let start = match head {
         Ok(Ok(Frame::Start(p))) => p,
         Ok(Ok(other)) => {
@@ -232,7 +249,6 @@ pub async fn forward(
             Err(e) => return fail(shared, slot, &e.0, record),
         }
     }
-    let timeout = slot.worker.timeout;
     slot.conn = None;
     *resp.body_mut() = ProxyBody::Wire(Box::new(WireBody {
         shared: shared.clone(),
@@ -248,6 +264,21 @@ pub async fn forward(
         abort: false,
     }));
     resp
+}
+
+/// A request on its way through a worker; see `forward`.
+struct InFlight<'a> {
+    shared: &'a Arc<Shared>,
+    parts: Option<(Slot, WireConn)>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some((slot, conn)) = self.parts.take() {
+            let timeout = slot.worker.timeout;
+            tokio::spawn(drain(self.shared.clone(), slot, conn, timeout, false));
+        }
+    }
 }
 
 /// The exchange ended cleanly: count it, give the slot (with its connection) back.

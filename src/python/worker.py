@@ -335,7 +335,8 @@ class _Handler:
                 self.busy = True
                 meta = read(meta_len)
                 fields = meta.decode('latin-1').split('\0')
-                if len(meta) != meta_len or len(fields) < 10 or len(fields) & 1:
+                n_fields = len(fields)
+                if len(meta) != meta_len or n_fields < 10 or n_fields & 1:
                     if len(meta) == meta_len:
                         _log('gtewire protocol error: malformed request meta %r; closing the '
                              'connection' % (meta[:200],))
@@ -528,9 +529,10 @@ class _Handler:
             self._send(part)
 
     def _send_file(self, wrapper):
-        """Send a FileWrapper result with os.sendfile().  Returns False, having sent nothing, when
-        the wrapped object is not a regular file addressable by fd + offset (the caller then
-        iterates the wrapper instead)."""
+        """Send the body of a FileWrapper result with os.sendfile(): S (if not sent yet), then B
+        headers of the known remaining length, each followed by the file bytes; the caller ends
+        the exchange.  Returns False, having sent nothing, when the wrapped object is not a
+        regular file addressable by fd + offset (the caller then iterates the wrapper)."""
         filelike = wrapper.filelike
         if _sendfile is None or isinstance(filelike, io.TextIOBase):
             return False
@@ -621,7 +623,9 @@ def _abort_frame(exc):
 # Process level: state shared with the signal handlers, exits
 
 class _state:
+    """Process-wide flags (a namespace, never instantiated)."""
     stopping = False   # SIGTERM received: finish the request(s) in progress, then exit
+    exiting = False    # _exit_graceful() is running
     ppid = 0           # the master's pid, to notice it dying
     handlers = ()      # the _Handler of every request thread (their .busy flags)
     wake = None        # threading.Event waking the main thread (GTE_THREADS > 1)
@@ -632,6 +636,7 @@ def _exit_graceful(code=0):
 
     os._exit() rather than sys.exit(): interpreter shutdown would wait for any non-daemon thread
     the application started, and would tear modules down under our daemon request threads."""
+    _state.exiting = True
     try:
         run_exitfuncs = getattr(atexit, '_run_exitfuncs', None)
         if run_exitfuncs is not None:
@@ -657,10 +662,10 @@ def _on_sigterm(signum, frame):
     Runs in the main thread, between two bytecodes: with GTE_THREADS=1 possibly in the middle of
     a request, which is why it only sets a flag when a request is in progress."""
     _state.stopping = True
+    if _state.exiting:
+        return  # a second SIGTERM while the atexit handlers run
     for handler in _state.handlers:
         if handler.busy:
-            if _state.wake is not None:
-                _state.wake.set()
             return
     _exit_graceful(0)
 
@@ -784,13 +789,17 @@ def main():
         app, lsock, threads = _start()
     except BaseException:
         tb = traceback.format_exc()
-        _log('gte worker: failed to start:\n' + tb)
+        reported = False
         if status_fd is not None:
             try:
                 _write_all(status_fd, b'FAILED\n' + tb.encode('utf-8', 'replace'))
                 os.close(status_fd)
+                reported = True
             except OSError:
                 pass
+        if not reported:
+            # The master prints the traceback it receives once; only without it do we print here.
+            _log('gte worker: failed to start:\n' + tb)
         _exit_flush(3)
 
     if status_fd is not None:
