@@ -90,7 +90,9 @@ pub async fn forward(
                 fresh_tries += 1;
                 match connect(&addr).await {
                     Ok(s) => s,
-                    Err(e) => return fail(shared, hold.take(), &format!("connect failed: {e}"), record),
+                    Err(e) => {
+                        return fail(shared, hold.take(), &format!("connect failed: {e}"), record)
+                    }
                 }
             }
         };
@@ -117,7 +119,11 @@ pub async fn forward(
             },
             Err(_) => {
                 let slot = hold.take();
-                tracing::error!(worker = slot.worker.id, pid = slot.worker.pid, "request timed out waiting for the command worker: 504");
+                tracing::error!(
+                    worker = slot.worker.id,
+                    pid = slot.worker.pid,
+                    "request timed out waiting for the command worker: 504"
+                );
                 let pid = slot.worker.pid;
                 // The connection is dropped with the sender; the slot itself stays usable.
                 shared.pool.release(slot);

@@ -524,7 +524,7 @@ async fn drain(
     let mut deadline = Instant::now() + timeout;
     loop {
         match tokio::time::timeout_at(deadline, conn.next_frame()).await {
-            Ok(Ok(Frame::Body(_))) => deadline = Instant::now() + timeout,
+            Ok(Ok(Frame::Start(_))) | Ok(Ok(Frame::Body(_))) => deadline = Instant::now() + timeout,
             Ok(Ok(Frame::End)) | Ok(Ok(Frame::Abort(_))) => {
                 if conn.out.is_empty() {
                     finish(&shared, slot, conn);
