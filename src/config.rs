@@ -189,6 +189,17 @@ pub struct RawConfig {
     pub workers: RawWorkers,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub health: RawHealth,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub path: Option<String>,
+    pub interval: Option<Dur>,
+    pub timeout: Option<Dur>,
+    pub failures: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -216,6 +227,10 @@ pub struct RawWorkers {
     pub keepalive: Option<Dur>,
     pub max_requests: Option<i64>,
     pub max_requests_jitter: Option<i64>,
+    pub max_worker_memory: Option<Size>,
+    pub memory_check_interval: Option<Dur>,
+    #[serde(default)]
+    pub path_timeouts: BTreeMap<String, Dur>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -266,6 +281,18 @@ pub struct Config {
     pub app: AppConfig,
     pub workers: WorkersConfig,
     pub log: LogConfig,
+    pub health: HealthConfig,
+}
+
+/// The health probe of idle workers.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// HTTP path to GET; None = ping the bundled worker's request loop (or connect, for a command).
+    pub path: Option<String>,
+    /// Zero = no probing.
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub failures: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -293,6 +320,11 @@ pub struct WorkersConfig {
     pub keepalive: Duration,
     pub max_requests: u64,
     pub max_requests_jitter: u64,
+    /// Recycle a worker whose RSS stays above this many bytes (0 = off).
+    pub max_worker_memory: u64,
+    pub memory_check_interval: Duration,
+    /// Longer (or shorter) timeouts for path prefixes, longest prefix first.
+    pub path_timeouts: Vec<(String, Duration)>,
 }
 
 #[derive(Debug, Clone)]
@@ -581,6 +613,72 @@ impl RawConfig {
             .map(|d| d.0)
             .unwrap_or(Duration::from_secs(30));
         let keepalive = w.keepalive.map(|d| d.0).unwrap_or(Duration::from_secs(5));
+        let max_worker_memory = w.max_worker_memory.map(|s| s.0).unwrap_or(0);
+        if max_worker_memory != 0 && max_worker_memory < (16 << 20) {
+            return Err(err(
+                "workers",
+                "max_worker_memory",
+                format!("{max_worker_memory} bytes is below 16MiB: no Python worker fits; use e.g. \"2GiB\""),
+            ));
+        }
+        let memory_check_interval = w
+            .memory_check_interval
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(5));
+        if memory_check_interval < Duration::from_millis(100) {
+            return Err(err(
+                "workers",
+                "memory_check_interval",
+                "must be at least 100ms".into(),
+            ));
+        }
+        let mut path_timeouts = Vec::new();
+        for (prefix, d) in w.path_timeouts {
+            if !prefix.starts_with('/') {
+                return Err(err(
+                    "workers",
+                    "path_timeouts",
+                    format!("{prefix:?}: a path prefix must start with '/'"),
+                ));
+            }
+            if d.0.is_zero() {
+                return Err(err(
+                    "workers",
+                    "path_timeouts",
+                    format!("{prefix:?}: the timeout must be greater than 0"),
+                ));
+            }
+            path_timeouts.push((prefix, d.0));
+        }
+        path_timeouts.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+
+        let h = self.health;
+        if let Some(p) = &h.path {
+            if !p.starts_with('/') {
+                return Err(err(
+                    "health",
+                    "path",
+                    format!("must start with '/', found {p:?}"),
+                ));
+            }
+        }
+        let failures = h.failures.unwrap_or(3);
+        if !(1..=1000).contains(&failures) {
+            return Err(err(
+                "health",
+                "failures",
+                format!("must be 1..=1000, found {failures}"),
+            ));
+        }
+        let health = HealthConfig {
+            path: h.path,
+            interval: h.interval.map(|d| d.0).unwrap_or(Duration::from_secs(10)),
+            timeout: h.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
+            failures: failures as u32,
+        };
+        if health.timeout.is_zero() {
+            return Err(err("health", "timeout", "must be greater than 0".into()));
+        }
 
         // [log]
         let l = self.log;
@@ -647,6 +745,9 @@ impl RawConfig {
                 keepalive,
                 max_requests,
                 max_requests_jitter,
+                max_worker_memory,
+                memory_check_interval,
+                path_timeouts,
             },
             log: LogConfig {
                 level,
@@ -654,6 +755,7 @@ impl RawConfig {
                 error,
                 capture_output: l.capture_output.unwrap_or(true),
             },
+            health,
         })
     }
 }

@@ -12,6 +12,8 @@ pub enum ReplaceReason {
     MaxRequests,
     Reload,
     Misbehaved,
+    Health,
+    Memory,
 }
 
 impl ReplaceReason {
@@ -20,6 +22,8 @@ impl ReplaceReason {
             ReplaceReason::MaxRequests => "max_requests",
             ReplaceReason::Reload => "reload",
             ReplaceReason::Misbehaved => "misbehaved",
+            ReplaceReason::Health => "health",
+            ReplaceReason::Memory => "memory",
         }
     }
 }
@@ -67,6 +71,16 @@ pub enum Event {
     WorkerMisbehaved {
         id: WorkerId,
         what: String,
+    },
+    /// A health probe's verdict.
+    HealthResult {
+        id: WorkerId,
+        ok: bool,
+        detail: String,
+    },
+    /// A probe gave its slot back (or gave up on it).
+    ProbeFinished {
+        id: WorkerId,
     },
     /// Every slot of a retiring worker has been released: it is idle and can be stopped.
     WorkerDrained {

@@ -65,6 +65,13 @@ struct WorkerRec {
     /// Why it is going away, for the exit log line.
     reason: Option<&'static str>,
     kill_at: Option<Instant>,
+    /// Consecutive failed health probes.
+    health_failures: u32,
+    /// A probe holds one of its slots.
+    probing: bool,
+    /// Consecutive memory samples over the ceiling, and the last RSS seen.
+    memory_over: u32,
+    rss: u64,
 }
 
 impl WorkerRec {
@@ -104,6 +111,9 @@ pub struct Master {
     server: Option<JoinHandle<()>>,
     exit_code: i32,
     logs: Logs,
+    next_probe: Option<Instant>,
+    next_memory_check: Option<Instant>,
+    sys: sysinfo::System,
 }
 
 /// The pieces `main` hands over.
@@ -128,6 +138,9 @@ fn describe_status(st: &ExitStatus) -> String {
 impl Master {
     pub fn new(parts: MasterParts) -> Self {
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let parts_health_interval = parts.cfg.health.interval;
+        let parts_memory_limit = parts.cfg.workers.max_worker_memory;
+        let parts_memory_interval = parts.cfg.workers.memory_check_interval;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (grace_tx, grace_rx) = watch::channel(parts.cfg.workers.graceful_timeout);
         let server = tokio::spawn(crate::proxy::serve(
@@ -157,6 +170,11 @@ impl Master {
             server: Some(server),
             exit_code: exit::OK,
             logs: parts.logs,
+            next_probe: (!parts_health_interval.is_zero())
+                .then(|| Instant::now() + parts_health_interval),
+            next_memory_check: (parts_memory_limit > 0)
+                .then(|| Instant::now() + parts_memory_interval),
+            sys: sysinfo::System::new(),
         }
     }
 
@@ -200,6 +218,14 @@ impl Master {
         if let Some(s) = self.spawn_not_before {
             t = t.min(s);
         }
+        if self.phase == Phase::Running {
+            if let Some(p) = self.next_probe {
+                t = t.min(p);
+            }
+            if let Some(m) = self.next_memory_check {
+                t = t.min(m);
+            }
+        }
         for w in self.workers.values() {
             if let Some(k) = w.kill_at {
                 t = t.min(k);
@@ -212,6 +238,22 @@ impl Master {
         let now = Instant::now();
         if self.spawn_not_before.is_some_and(|t| t <= now) {
             self.spawn_not_before = None;
+        }
+        if self.phase == Phase::Running {
+            if self.next_probe.is_some_and(|t| t <= now) {
+                self.next_probe = None;
+                self.probe_workers();
+            }
+            if self.next_memory_check.is_some_and(|t| t <= now) {
+                self.next_memory_check = None;
+                self.check_memory();
+            }
+        }
+        if self.next_probe.is_none() && !self.cfg.health.interval.is_zero() {
+            self.next_probe = Some(now + self.cfg.health.interval);
+        }
+        if self.next_memory_check.is_none() && self.cfg.workers.max_worker_memory > 0 {
+            self.next_memory_check = Some(now + self.cfg.workers.memory_check_interval);
         }
         let overdue: Vec<WorkerId> = self
             .workers
@@ -259,6 +301,12 @@ impl Master {
                         w.replace = Some(ReplaceReason::Misbehaved);
                         self.retire(id, "crash");
                     }
+                }
+            }
+            Event::HealthResult { id, ok, detail } => self.on_health(id, ok, detail),
+            Event::ProbeFinished { id } => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.probing = false;
                 }
             }
             Event::WorkerDrained { id } => {
@@ -412,6 +460,130 @@ impl Master {
                 self.ready_fresh(),
                 self.desired
             ));
+        }
+    }
+
+    fn on_health(&mut self, id: WorkerId, ok: bool, detail: String) {
+        let failures = self.cfg.health.failures;
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if ok {
+            if w.health_failures > 0 {
+                tracing::info!(worker = id, pid = w.info.pid, "health probe passes again");
+            }
+            w.health_failures = 0;
+            return;
+        }
+        self.health_failed(id, &detail, failures);
+    }
+
+    fn health_failed(&mut self, id: WorkerId, detail: &str, failures: u32) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.state != WorkerState::Ready {
+            return;
+        }
+        w.health_failures += 1;
+        tracing::warn!(
+            worker = id,
+            pid = w.info.pid,
+            failures = w.health_failures,
+            of = failures,
+            error = detail,
+            "health probe failed"
+        );
+        if w.health_failures >= failures {
+            tracing::error!(
+                worker = id,
+                pid = w.info.pid,
+                reason = "health",
+                served = w.info.served.load(Ordering::Relaxed),
+                age_s = w.started.elapsed().as_secs(),
+                "worker failed its health probe {failures} times in a row; replacing it"
+            );
+            w.replace = Some(ReplaceReason::Health);
+            w.reason = Some("health");
+            // Out of rotation at once: a replacement starts in reconcile.
+            self.retire(id, "health");
+        }
+    }
+
+    /// Probes every ready worker that has an idle slot; a worker still holding an unanswered probe
+    /// from the last round counts one more failure.
+    fn probe_workers(&mut self) {
+        let h = self.cfg.health.clone();
+        let ids: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Ready && !w.info.is_retiring())
+            .map(|w| w.info.id)
+            .collect();
+        for id in ids {
+            let probing = self.workers.get(&id).is_some_and(|w| w.probing);
+            if probing {
+                self.health_failed(id, "the previous probe is still unanswered", h.failures);
+                continue;
+            }
+            let Some(slot) = self.shared.pool.take_idle_of(id) else {
+                continue; // busy with requests: never probed, never killed by the probe
+            };
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.probing = true;
+            }
+            tokio::spawn(crate::proxy::probe::probe(
+                self.shared.clone(),
+                slot,
+                h.path.clone(),
+                h.timeout,
+                self.cfg.workers.timeout,
+                self.events_tx.clone(),
+            ));
+        }
+    }
+
+    /// Samples worker RSS; a worker over `max_worker_memory` for 3 samples in a row is recycled
+    /// (start-first, like max_requests).
+    fn check_memory(&mut self) {
+        let limit = self.cfg.workers.max_worker_memory;
+        let pids: Vec<sysinfo::Pid> = self
+            .workers
+            .values()
+            .map(|w| sysinfo::Pid::from_u32(w.info.pid))
+            .collect();
+        self.sys.refresh_processes_specifics(
+            sysinfo::ProcessesToUpdate::Some(&pids),
+            true,
+            sysinfo::ProcessRefreshKind::nothing().with_memory(),
+        );
+        for w in self.workers.values_mut() {
+            let Some(p) = self.sys.process(sysinfo::Pid::from_u32(w.info.pid)) else {
+                continue;
+            };
+            w.rss = p.memory();
+            if limit == 0 || w.state != WorkerState::Ready || w.replace.is_some() {
+                continue;
+            }
+            if w.rss > limit {
+                w.memory_over += 1;
+                if w.memory_over >= 3 {
+                    tracing::warn!(
+                        worker = w.info.id,
+                        pid = w.info.pid,
+                        reason = "memory",
+                        rss = w.rss,
+                        limit,
+                        served = w.info.served.load(Ordering::Relaxed),
+                        age_s = w.started.elapsed().as_secs(),
+                        "worker memory stayed over max_worker_memory; recycling it"
+                    );
+                    w.replace = Some(ReplaceReason::Memory);
+                    w.reason = Some("memory");
+                }
+            } else {
+                w.memory_over = 0;
+            }
         }
     }
 
@@ -655,6 +827,10 @@ impl Master {
                         replace: None,
                         reason: None,
                         kill_at: None,
+                        health_failures: 0,
+                        probing: false,
+                        memory_over: 0,
+                        rss: 0,
                     },
                 );
                 true

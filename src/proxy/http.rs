@@ -53,6 +53,7 @@ pub async fn forward(
     mut req: Request<Incoming>,
     client_ip: String,
     record: Option<AccessRecord>,
+    timeout: Option<std::time::Duration>,
 ) -> Response<ProxyBody> {
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -79,7 +80,7 @@ pub async fn forward(
         Err(_) => return shared.reject(StatusCode::SERVICE_UNAVAILABLE, record),
     };
     let mut hold = SlotHold::new(&shared.pool, slot);
-    let deadline = Instant::now() + hold.get().worker.timeout;
+    let deadline = Instant::now() + timeout.unwrap_or(hold.get().worker.timeout);
     let addr = hold.get().worker.addr.clone();
     let mut req = Some(req);
     let mut fresh_tries = 0;

@@ -6,6 +6,7 @@
 pub mod body;
 pub mod http;
 pub mod pool;
+pub mod probe;
 pub mod wire;
 
 use std::convert::Infallible;
@@ -40,9 +41,19 @@ pub struct Settings {
     pub keepalive: Duration,
     pub limit_request_header: usize,
     pub limit_request_fields: usize,
+    /// Per-path-prefix timeouts, longest prefix first.
+    pub path_timeouts: Vec<(String, Duration)>,
 }
 
 impl Settings {
+    /// The timeout for `path` when a `path_timeouts` prefix matches it.
+    pub fn timeout_for(&self, path: &str) -> Option<Duration> {
+        self.path_timeouts
+            .iter()
+            .find(|(p, _)| path.starts_with(p.as_str()))
+            .map(|(_, d)| *d)
+    }
+
     pub fn from_config(cfg: &Config) -> Self {
         Settings {
             limit_request_body: cfg.limit_request_body,
@@ -56,6 +67,7 @@ impl Settings {
             keepalive: cfg.workers.keepalive,
             limit_request_header: cfg.limit_request_header,
             limit_request_fields: cfg.limit_request_fields,
+            path_timeouts: cfg.workers.path_timeouts.clone(),
         }
     }
 }
@@ -195,8 +207,9 @@ pub async fn handle(
         }
     }
 
+    let timeout = settings.timeout_for(req.uri().path());
     if !settings.wsgi {
-        return Ok(http::forward(&shared, req, client_ip_string, record).await);
+        return Ok(http::forward(&shared, req, client_ip_string, record, timeout).await);
     }
 
     let (parts, mut body) = req.into_parts();
@@ -247,7 +260,7 @@ pub async fn handle(
         return Ok(shared.reject(StatusCode::BAD_REQUEST, record));
     }
     drop(parts);
-    Ok(wire::forward(&shared, Bytes::from(frame), chunks, record).await)
+    Ok(wire::forward(&shared, Bytes::from(frame), chunks, record, timeout).await)
 }
 
 /// Binds the public listener.

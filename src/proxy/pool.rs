@@ -115,6 +115,13 @@ impl IdlePool {
         drop(removed);
     }
 
+    /// Takes one idle slot of worker `id`, if it has one (for a health probe).
+    pub fn take_idle_of(&self, id: WorkerId) -> Option<Slot> {
+        let mut g = self.lock();
+        let pos = g.idle.iter().position(|s| s.worker.id == id)?;
+        Some(g.idle.swap_remove(pos))
+    }
+
     pub fn set_queue_limit(&self, n: usize) {
         self.lock().queue_limit = n;
     }

@@ -105,6 +105,11 @@ impl WireConn {
     async fn next_frame(&mut self) -> Result<Frame, WireError> {
         std::future::poll_fn(|cx| self.poll_frame(cx)).await
     }
+
+    /// The next frame from the worker (writing pending request bytes meanwhile).
+    pub async fn next_frame_pub(&mut self) -> Result<Frame, WireError> {
+        self.next_frame().await
+    }
 }
 
 /// Opens a connection to a bundled worker.
@@ -121,6 +126,7 @@ pub async fn forward(
     request: Bytes,
     body: Vec<Bytes>,
     record: Option<AccessRecord>,
+    timeout: Option<std::time::Duration>,
 ) -> Response<ProxyBody> {
     let mut attempts = 0;
     let (slot, mut conn) = loop {
@@ -154,7 +160,7 @@ pub async fn forward(
     };
     conn.out.push_back(request);
     conn.out.extend(body);
-    let timeout = slot.worker.timeout;
+    let timeout = timeout.unwrap_or(slot.worker.timeout);
     let deadline = Instant::now() + timeout;
 
     // If the client goes away while the worker works, the guard drains the answer in the
