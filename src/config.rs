@@ -184,6 +184,7 @@ pub struct RawConfig {
     pub forwarded_allow_ips: Option<Vec<String>>,
     pub master_threads: Option<i64>,
     pub ready_path: Option<String>,
+    pub metrics: Option<String>,
     pub app: Option<RawApp>,
     #[serde(default)]
     pub workers: RawWorkers,
@@ -240,6 +241,17 @@ pub struct RawLog {
     pub access: Option<String>,
     pub error: Option<String>,
     pub capture_output: Option<bool>,
+    pub access_format: Option<String>,
+    pub rotate: Option<RawRotate>,
+    pub keep: Option<i64>,
+}
+
+/// `rotate = "daily" | "hourly" | "never"`, or a size: `"100MiB"` or a number of bytes.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawRotate {
+    Bytes(i64),
+    Word(String),
 }
 
 /// What the workers run.
@@ -278,6 +290,8 @@ pub struct Config {
     pub master_threads: usize,
     /// Path the master answers itself: 200 while a worker is ready.
     pub ready_path: String,
+    /// Address of the Prometheus metrics listener (None: no metrics).
+    pub metrics: Option<SocketAddr>,
     pub app: AppConfig,
     pub workers: WorkersConfig,
     pub log: LogConfig,
@@ -327,12 +341,18 @@ pub struct WorkersConfig {
     pub path_timeouts: Vec<(String, Duration)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub level: tracing::Level,
     pub access: LogTarget,
     pub error: LogTarget,
     pub capture_output: bool,
+    /// The access-log line, parsed once here (gunicorn tokens or JSON).
+    pub access_format: crate::logging::format::AccessFormat,
+    /// Built-in rotation of the log files.
+    pub rotate: crate::logging::rotate::Rotate,
+    /// Rotated files kept per log (0 = all).
+    pub keep: usize,
 }
 
 impl WorkersConfig {
@@ -713,6 +733,90 @@ impl RawConfig {
             LogTarget::Off => LogTarget::Stderr,
             t => t,
         };
+        let access_format = match &l.access_format {
+            None => crate::logging::format::AccessFormat::default(),
+            Some(f) => crate::logging::format::AccessFormat::parse(f)
+                .map_err(|m| err("log", "access_format", m))?,
+        };
+        use crate::logging::rotate::Rotate;
+        let rotate = match l.rotate {
+            None => Rotate::Never,
+            Some(RawRotate::Bytes(n)) if n > 0 => Rotate::Size(n as u64),
+            Some(RawRotate::Word(w)) => match w.to_ascii_lowercase().as_str() {
+                "never" | "" => Rotate::Never,
+                "daily" => Rotate::Daily,
+                "hourly" => Rotate::Hourly,
+                _ => match parse_size(&w) {
+                    Ok(n) if n > 0 => Rotate::Size(n),
+                    _ => return Err(err(
+                        "log",
+                        "rotate",
+                        format!(
+                            "{w:?}: use \"daily\", \"hourly\", \"never\" or a size like \"100MiB\""
+                        ),
+                    )),
+                },
+            },
+            Some(RawRotate::Bytes(n)) => {
+                return Err(err(
+                    "log",
+                    "rotate",
+                    format!("a size must be greater than 0, found {n}"),
+                ))
+            }
+        };
+        if let Rotate::Size(n) = rotate {
+            if n < 4096 {
+                return Err(err(
+                    "log",
+                    "rotate",
+                    format!("{n} bytes is too small a log file: use at least \"4KiB\""),
+                ));
+            }
+        }
+        let keep = l.keep.unwrap_or(14);
+        if !(0..=100_000).contains(&keep) {
+            return Err(err(
+                "log",
+                "keep",
+                format!("must be 0..=100000 (0 = keep all), found {keep}"),
+            ));
+        }
+        if rotate != Rotate::Never {
+            if let (LogTarget::File(a), LogTarget::File(e)) = (&access, &error) {
+                if a == e {
+                    return Err(err(
+                        "log",
+                        "rotate",
+                        format!(
+                            "access and error are the same file ({}): with built-in rotation give each log its own file",
+                            a.display()
+                        ),
+                    ));
+                }
+            }
+        }
+
+        let metrics = match self.metrics.as_deref() {
+            None | Some("") | Some("off") => None,
+            Some(m) => {
+                let addr = parse_bind(m).map_err(|e| err("", "metrics", e))?;
+                let shares_port = addr.port() == bind.port()
+                    && (addr.ip() == bind.ip()
+                        || addr.ip().is_unspecified()
+                        || bind.ip().is_unspecified());
+                if shares_port {
+                    return Err(err(
+                        "",
+                        "metrics",
+                        format!(
+                            "{addr} overlaps the public listener bind = \"{bind}\": metrics need their own address, e.g. \"127.0.0.1:9191\""
+                        ),
+                    ));
+                }
+                Some(addr)
+            }
+        };
 
         Ok(Config {
             source: file.to_path_buf(),
@@ -726,6 +830,7 @@ impl RawConfig {
             forwarded_allow_ips,
             master_threads: master_threads as usize,
             ready_path,
+            metrics,
             app: AppConfig {
                 kind,
                 chdir,
@@ -754,6 +859,9 @@ impl RawConfig {
                 access,
                 error,
                 capture_output: l.capture_output.unwrap_or(true),
+                access_format,
+                rotate,
+                keep: keep as usize,
             },
             health,
         })
@@ -999,7 +1107,7 @@ mod tests {
     #[test]
     fn relative_paths_resolve_against_config_dir() {
         let c = p("pidfile = \"run/x.pid\"\n[app]\nwsgi = \"a:b\"\nchdir = \"srv\"\npython = \"venv/bin/python3\"\n[log]\naccess = \"log/a.log\"\n").unwrap();
-        assert_eq!(c.pidfile.unwrap(), PathBuf::from("/etc/gte/run/x.pid"));
+        assert_eq!(c.pidfile.as_deref(), Some(Path::new("/etc/gte/run/x.pid")));
         assert_eq!(c.app.chdir, PathBuf::from("/etc/gte/srv"));
         assert_eq!(
             c.python_path(),

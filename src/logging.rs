@@ -1,79 +1,43 @@
 //! The error log (master events and worker output, through `tracing`) and the access log (one
-//! line per request). Both write through `tracing_appender::non_blocking`: the request path only
-//! hands a line to a bounded in-memory queue; a writer thread does the I/O. When the queue is full
-//! (the disk cannot keep up) lines are dropped rather than stalling requests. A write error (full
-//! disk, file removed) is reported on stderr once and never crashes the master. `reopen()` (USR1)
-//! makes the writers reopen their files, for logrotate.
+//! line per request, in the `[log] access_format`), plus the per-request hook that feeds the
+//! metrics.
+//!
+//! Both logs write through `tracing_appender::non_blocking`: the request path only renders a
+//! line and hands it to a bounded in-memory queue (64 Ki lines per log); a writer thread does
+//! the I/O. When the queue is full (the disk cannot keep up) new lines are dropped — counted in
+//! the `gte_log_dropped_lines_total` metric — rather than stalling requests. Files are
+//! [`rotate::LogFile`]s: they reopen their path on SIGUSR1 ([`Logs::reopen`]), rotate themselves
+//! when `[log] rotate` says so, and report write errors (full disk, file removed) on stderr
+//! instead of failing.
+
+pub mod format;
+pub mod rotate;
 
 use std::cell::RefCell;
-use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
-use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Uri, Version};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::{LogConfig, LogTarget};
+use crate::metrics::Metrics;
+use format::{AccessFormat, Facts};
+use rotate::{open_append, LogFile, Rotate};
 
-/// A file that reopens itself (same path) when asked, and never fails its writer.
-struct ReopenableFile {
-    path: PathBuf,
-    file: Option<File>,
-    reopen: Arc<AtomicBool>,
-    failing: bool,
-}
-
-fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
-}
-
-impl Write for ReopenableFile {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.reopen.swap(false, Ordering::AcqRel) || self.file.is_none() {
-            match open_append(&self.path) {
-                Ok(f) => self.file = Some(f),
-                Err(e) => {
-                    self.report(&e);
-                    return Ok(buf.len());
-                }
-            }
-        }
-        if let Some(f) = self.file.as_mut() {
-            match f.write_all(buf) {
-                Ok(()) => self.failing = false,
-                Err(e) => self.report(&e),
-            }
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        if let Some(f) = self.file.as_mut() {
-            let _ = f.flush();
-        }
-        Ok(())
-    }
-}
-
-impl ReopenableFile {
-    fn report(&mut self, e: &io::Error) {
-        if !self.failing {
-            self.failing = true;
-            eprintln!(
-                "gte-supervisor: cannot write log file {}: {e}; lines are dropped until it works again",
-                self.path.display()
-            );
-        }
-    }
-}
+/// Lines one log may have queued for its writer thread before new ones are dropped.
+pub const QUEUE_LINES: usize = 64 * 1024;
 
 /// Handles that must live as long as the logs are used (they flush on drop).
 pub struct Logs {
     _guards: Vec<WorkerGuard>,
     pub access: AccessLog,
     reopen: Vec<Arc<AtomicBool>>,
+    dropped: Vec<ErrorCounter>,
 }
 
 impl Logs {
@@ -82,6 +46,12 @@ impl Logs {
         for r in &self.reopen {
             r.store(true, Ordering::Release);
         }
+    }
+
+    /// A reader of the lines dropped so far by all logs (their queues were full).
+    pub fn dropped_lines(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
+        let counters = self.dropped.clone();
+        move || counters.iter().map(|c| c.dropped_lines() as u64).sum()
     }
 }
 
@@ -95,13 +65,14 @@ pub fn check_writable(target: &LogTarget, what: &str) -> Result<(), String> {
 
 fn writer_for(
     target: &LogTarget,
-    guards: &mut Vec<WorkerGuard>,
-    reopen: &mut Vec<Arc<AtomicBool>>,
+    rotate: Rotate,
+    keep: usize,
+    logs: &mut Logs,
 ) -> Option<NonBlocking> {
     let builder = || {
         NonBlockingBuilder::default()
             .lossy(true)
-            .buffered_lines_limit(64 * 1024)
+            .buffered_lines_limit(QUEUE_LINES)
     };
     let (nb, guard) = match target {
         LogTarget::Off => return None,
@@ -109,16 +80,12 @@ fn writer_for(
         LogTarget::Stderr => builder().finish(io::stderr()),
         LogTarget::File(p) => {
             let flag = Arc::new(AtomicBool::new(false));
-            reopen.push(flag.clone());
-            builder().finish(ReopenableFile {
-                path: p.clone(),
-                file: open_append(p).ok(),
-                reopen: flag,
-                failing: false,
-            })
+            logs.reopen.push(flag.clone());
+            builder().finish(LogFile::new(p.clone(), rotate, keep, flag))
         }
     };
-    guards.push(guard);
+    logs._guards.push(guard);
+    logs.dropped.push(nb.error_counter());
     Some(nb)
 }
 
@@ -126,11 +93,15 @@ fn writer_for(
 pub fn init(cfg: &LogConfig) -> Result<Logs, String> {
     check_writable(&cfg.error, "error")?;
     check_writable(&cfg.access, "access")?;
-    let mut guards = Vec::new();
-    let mut reopen = Vec::new();
-    let error =
-        writer_for(&cfg.error, &mut guards, &mut reopen).expect("the error log is never off");
-    let access = writer_for(&cfg.access, &mut guards, &mut reopen);
+    let mut logs = Logs {
+        _guards: Vec::new(),
+        access: AccessLog::disabled(),
+        reopen: Vec::new(),
+        dropped: Vec::new(),
+    };
+    let error = writer_for(&cfg.error, cfg.rotate, cfg.keep, &mut logs)
+        .expect("the error log is never off");
+    let access = writer_for(&cfg.access, cfg.rotate, cfg.keep, &mut logs);
     let subscriber = tracing_subscriber::fmt()
         .with_writer(error)
         .with_ansi(false)
@@ -139,138 +110,227 @@ pub fn init(cfg: &LogConfig) -> Result<Logs, String> {
         .finish();
     // A second init (tests in one process) keeps the first subscriber.
     let _ = tracing::subscriber::set_global_default(subscriber);
-    Ok(Logs {
-        _guards: guards,
-        access: AccessLog { writer: access },
-        reopen,
-    })
+    logs.access = AccessLog::new(access, cfg.access_format.clone(), None);
+    Ok(logs)
 }
 
-/// The access log writer; cheap to call from the request path.
+// ---------------------------------------------------------------------------------------------
+// Access log and request metrics
+// ---------------------------------------------------------------------------------------------
+
+struct AccessInner {
+    writer: Option<NonBlocking>,
+    format: AccessFormat,
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// The per-request hook: writes the access-log line and counts the request in the metrics.
+/// Cheap to clone and to call from the request path; does nothing when both are off.
 #[derive(Clone)]
 pub struct AccessLog {
-    writer: Option<NonBlocking>,
+    inner: Option<Arc<AccessInner>>,
 }
 
-/// What one access-log line needs.
+/// What one request's log line and metrics need, captured when the request arrives. Only the
+/// parts the format uses are copied (a header for `%({name}i)s` only when the format names it).
 pub struct AccessRecord {
-    pub remote: String,
-    pub method: http::Method,
-    pub uri: http::Uri,
-    pub version: http::Version,
-    pub referer: Option<http::HeaderValue>,
-    pub user_agent: Option<http::HeaderValue>,
-    pub start: std::time::Instant,
+    start: Instant,
+    method: Method,
+    line: Option<LineFacts>,
+    meter: Option<Meter>,
 }
 
-impl AccessLog {
-    pub fn disabled() -> Self {
-        AccessLog { writer: None }
-    }
+struct LineFacts {
+    remote: String,
+    uri: Uri,
+    version: Version,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    authorization: Option<HeaderValue>,
+    request_headers: Vec<Option<HeaderValue>>,
+    response_headers: Vec<Option<HeaderValue>>,
+}
 
-    pub fn enabled(&self) -> bool {
-        self.writer.is_some()
-    }
+/// The metrics side of a record: queue timing, the busy-slot count, and "cancelled" if the
+/// record is dropped before its response was logged (the client went away).
+struct Meter {
+    metrics: Arc<Metrics>,
+    queued_at: Option<Instant>,
+    holds_slot: bool,
+    done: AtomicBool,
+}
 
-    /// Writes `host - - [time] "METHOD uri HTTP/1.1" status bytes "referer" "agent" micros pid`
-    /// (Apache combined, then the duration in microseconds and the worker pid, "-" if none).
-    pub fn log(&self, r: &AccessRecord, status: u16, bytes: u64, worker_pid: Option<u32>) {
-        let Some(w) = &self.writer else { return };
-        let micros = r.start.elapsed().as_micros();
-        let mut line = String::with_capacity(200);
-        use std::fmt::Write as _;
-        let hv = |v: &Option<http::HeaderValue>| {
-            v.as_ref()
-                .map(|v| escape(v.as_bytes()))
-                .unwrap_or_else(|| "-".into())
-        };
-        let _ = write!(
-            line,
-            "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" {} ",
-            r.remote,
-            clf_now(),
-            r.method,
-            escape(r.uri.to_string().as_bytes()),
-            r.version,
-            status,
-            bytes,
-            hv(&r.referer),
-            hv(&r.user_agent),
-            micros,
-        );
-        match worker_pid {
-            Some(p) => {
-                let _ = write!(line, "{p}");
-            }
-            None => line.push('-'),
+impl Drop for Meter {
+    fn drop(&mut self) {
+        if self.holds_slot {
+            self.metrics.slot_released();
         }
-        line.push('\n');
-        let _ = w.make_writer().write_all(line.as_bytes());
+        if !self.done.load(Ordering::Relaxed) {
+            self.metrics.request_cancelled();
+        }
     }
 }
 
-/// Escapes quotes, backslashes and non-printable bytes so a line cannot be forged.
-fn escape(b: &[u8]) -> String {
-    let mut s = String::with_capacity(b.len());
-    for &c in b {
-        match c {
-            b'"' => s.push_str("\\\""),
-            b'\\' => s.push_str("\\\\"),
-            0x20..=0x7e => s.push(c as char),
-            _ => {
-                use std::fmt::Write as _;
-                let _ = write!(s, "\\x{c:02x}");
+impl AccessRecord {
+    /// The request starts waiting for a worker slot.
+    pub fn queue_enter(&mut self) {
+        if let Some(m) = &mut self.meter {
+            if !m.holds_slot {
+                m.queued_at = Some(Instant::now());
             }
         }
     }
-    s
+
+    /// The request got a worker slot.
+    pub fn queue_leave(&mut self) {
+        if let Some(m) = &mut self.meter {
+            if let Some(t) = m.queued_at.take() {
+                m.metrics.slot_taken(t.elapsed());
+                m.holds_slot = true;
+            }
+        }
+    }
 }
 
 thread_local! {
-    static CLF_CACHE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
 }
 
-/// Now in Common Log Format, `22/Nov/2026:04:15:11 +0000`, formatted once per second per thread.
-pub fn clf_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    CLF_CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.0 != secs {
-            *c = (secs, format_clf(secs));
+impl AccessLog {
+    /// An access log writing to `writer` (None: no access log) and counting into `metrics`.
+    pub fn new(
+        writer: Option<NonBlocking>,
+        format: AccessFormat,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        if writer.is_none() && metrics.is_none() {
+            return AccessLog::disabled();
         }
-        c.1.clone()
-    })
-}
+        AccessLog {
+            inner: Some(Arc::new(AccessInner {
+                writer,
+                format,
+                metrics,
+            })),
+        }
+    }
 
-fn format_clf(secs: u64) -> String {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{:02}/{}/{}:{:02}:{:02}:{:02} +0000",
-        d,
-        MONTHS[(m - 1) as usize],
-        y,
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    pub fn disabled() -> Self {
+        AccessLog { inner: None }
+    }
+
+    /// The same access log, also feeding `metrics`.
+    pub fn with_metrics(&self, metrics: Option<Arc<Metrics>>) -> Self {
+        let (writer, format) = match &self.inner {
+            Some(i) => (i.writer.clone(), i.format.clone()),
+            None => (None, AccessFormat::default()),
+        };
+        AccessLog::new(writer, format, metrics)
+    }
+
+    /// True when requests need a record (an access log or metrics are on).
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Captures what the log line and the metrics of `req` will need. `remote` is the client
+    /// address as trusted (X-Forwarded-For / X-Real-IP only from `forwarded_allow_ips`).
+    pub fn begin<B>(&self, req: &Request<B>, remote: &str, start: Instant) -> Option<AccessRecord> {
+        let inner = self.inner.as_ref()?;
+        let line = inner.writer.as_ref().map(|_| {
+            let f = &inner.format;
+            let h = req.headers();
+            let get = |want: bool, name: header::HeaderName| {
+                if want {
+                    h.get(name).cloned()
+                } else {
+                    None
+                }
+            };
+            LineFacts {
+                remote: remote.to_owned(),
+                uri: req.uri().clone(),
+                version: req.version(),
+                referer: get(f.needs_referer, header::REFERER),
+                user_agent: get(f.needs_user_agent, header::USER_AGENT),
+                authorization: get(f.needs_authorization, header::AUTHORIZATION),
+                request_headers: f
+                    .request_headers
+                    .iter()
+                    .map(|n| h.get(n).cloned())
+                    .collect(),
+                response_headers: Vec::new(),
+            }
+        });
+        let meter = inner.metrics.as_ref().map(|m| Meter {
+            metrics: m.clone(),
+            queued_at: None,
+            holds_slot: false,
+            done: AtomicBool::new(false),
+        });
+        Some(AccessRecord {
+            start,
+            method: req.method().clone(),
+            line,
+            meter,
+        })
+    }
+
+    /// Keeps the response headers the format names (`%({name}o)s`); free otherwise.
+    pub fn capture_response(&self, record: &mut Option<AccessRecord>, headers: &HeaderMap) {
+        let (Some(inner), Some(r)) = (&self.inner, record.as_mut()) else {
+            return;
+        };
+        if inner.format.response_headers.is_empty() {
+            return;
+        }
+        if let Some(line) = &mut r.line {
+            line.response_headers = inner
+                .format
+                .response_headers
+                .iter()
+                .map(|n| headers.get(n).cloned())
+                .collect();
+        }
+    }
+
+    /// The response is complete (or failed): write the line, count the request.
+    pub fn log(&self, r: &AccessRecord, status: u16, bytes: u64, worker_pid: Option<u32>) {
+        let Some(inner) = &self.inner else { return };
+        let elapsed = r.start.elapsed();
+        if let Some(m) = &r.meter {
+            m.done.store(true, Ordering::Relaxed);
+            m.metrics.request_done(&r.method, status, bytes, elapsed);
+        }
+        let (Some(w), Some(l)) = (&inner.writer, &r.line) else {
+            return;
+        };
+        let facts = Facts {
+            remote: &l.remote,
+            method: &r.method,
+            uri: &l.uri,
+            version: l.version,
+            status,
+            bytes,
+            elapsed,
+            worker_pid,
+            referer: l.referer.as_ref(),
+            user_agent: l.user_agent.as_ref(),
+            authorization: l.authorization.as_ref(),
+            request_headers: &l.request_headers,
+            response_headers: &l.response_headers,
+            now: SystemTime::now(),
+        };
+        LINE.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            inner.format.render(&mut buf, &facts);
+            let _ = w.make_writer().write_all(buf.as_bytes());
+            if buf.capacity() > 64 * 1024 {
+                *buf = String::with_capacity(512);
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -278,14 +338,59 @@ mod tests {
     use super::*;
 
     #[test]
-    fn clf_dates() {
-        assert_eq!(format_clf(0), "01/Jan/1970:00:00:00 +0000");
-        assert_eq!(format_clf(1_795_324_511), "22/Nov/2026:05:15:11 +0000");
-        assert_eq!(format_clf(951_782_400), "29/Feb/2000:00:00:00 +0000");
+    fn record_captures_only_what_the_format_uses() {
+        let fmt = AccessFormat::parse("%(h)s %({x-req}i)s %({x-out}o)s").unwrap();
+        let (nb, _guard) = NonBlockingBuilder::default().finish(io::sink());
+        let log = AccessLog::new(Some(nb), fmt, None);
+        let req = Request::builder()
+            .uri("/p")
+            .header("x-req", "r1")
+            .header("user-agent", "ua")
+            .body(())
+            .unwrap();
+        let mut rec = log.begin(&req, "1.2.3.4", Instant::now());
+        let line = rec.as_ref().unwrap().line.as_ref().unwrap();
+        assert!(line.user_agent.is_none() && line.referer.is_none());
+        assert_eq!(
+            line.request_headers,
+            vec![Some(HeaderValue::from_static("r1"))]
+        );
+        let mut resp = HeaderMap::new();
+        resp.insert("x-out", HeaderValue::from_static("o1"));
+        log.capture_response(&mut rec, &resp);
+        let line = rec.as_ref().unwrap().line.as_ref().unwrap();
+        assert_eq!(
+            line.response_headers,
+            vec![Some(HeaderValue::from_static("o1"))]
+        );
+        assert!(AccessLog::disabled()
+            .begin(&req, "x", Instant::now())
+            .is_none());
     }
 
     #[test]
-    fn escaping() {
-        assert_eq!(escape(b"a\"b\\c\n"), "a\\\"b\\\\c\\x0a");
+    fn metrics_count_done_cancelled_and_busy() {
+        let m = Arc::new(Metrics::new(1));
+        let log = AccessLog::new(None, AccessFormat::default(), Some(m.clone()));
+        let req = Request::builder().uri("/").body(()).unwrap();
+        let mut a = log.begin(&req, "x", Instant::now()).unwrap();
+        assert!(a.line.is_none(), "no access log: no line facts");
+        a.queue_enter();
+        a.queue_leave();
+        log.log(&a, 200, 3, Some(1));
+        drop(a);
+        let b = log.begin(&req, "x", Instant::now()).unwrap();
+        drop(b); // never answered: cancelled
+        let text = m.render(crate::metrics::Sample::default());
+        assert!(
+            text.contains("gte_requests_total{method=\"GET\",status=\"2xx\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("gte_requests_cancelled_total 1"), "{text}");
+        assert!(
+            text.contains("gte_worker_slots{state=\"busy\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("gte_queue_wait_seconds_count 1"), "{text}");
     }
 }

@@ -437,7 +437,7 @@ mod tests {
     #[test]
     fn frames_parse() {
         let mut buf = BytesMut::new();
-        buf.extend_from_slice(b"S\0\0\0\x16200 OK\0Content-Type\0x/y");
+        buf.extend_from_slice(b"S\0\0\0\x17200 OK\0Content-Type\0x/y");
         buf.extend_from_slice(b"B\0\0\0\x02hiE\0\0\0\0");
         let Some(Frame::Start(p)) = take_frame(&mut buf).unwrap() else {
             panic!()
