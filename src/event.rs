@@ -43,6 +43,8 @@ pub enum SignalKind {
     Decrement,
     /// SIGUSR1: reopen log files.
     ReopenLogs,
+    /// SIGWINCH: retire every worker (only when daemonized, as gunicorn).
+    Winch,
 }
 
 /// One thing that happened.
@@ -81,6 +83,11 @@ pub enum Event {
     /// A probe gave its slot back (or gave up on it).
     ProbeFinished {
         id: WorkerId,
+    },
+    /// A request on the control socket; the answer (text) goes back on `reply`.
+    Control {
+        command: String,
+        reply: tokio::sync::oneshot::Sender<String>,
     },
     /// Every slot of a retiring worker has been released: it is idle and can be stopped.
     WorkerDrained {

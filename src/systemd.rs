@@ -38,3 +38,47 @@ pub fn status(status: &str) {
 pub fn stopping() {
     notify("STOPPING=1\nSTATUS=stopping");
 }
+
+/// Half of `$WATCHDOG_USEC` when the watchdog is enabled for this process.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    if let Some(pid) = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+    {
+        if pid != std::process::id() {
+            return None;
+        }
+    }
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    (usec > 0).then(|| std::time::Duration::from_micros(usec / 2))
+}
+
+/// The first listening socket passed by socket activation (`LISTEN_FDS`/`LISTEN_PID`), if any.
+/// The variables are removed so that workers do not see them.
+pub fn activated_listener() -> Option<std::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let n: i32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    // SAFETY: single-threaded at this point (called before the runtime starts).
+    unsafe {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    if pid != std::process::id() || n < 1 {
+        return None;
+    }
+    const FIRST: i32 = 3;
+    let st = nix::sys::stat::fstat(FIRST).ok()?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return None;
+    }
+    // Our fd from now on: keep it from leaking into workers.
+    // SAFETY: fd 3 was handed to this process by systemd (LISTEN_PID matched) and is a socket;
+    // nothing else in the process owns it.
+    unsafe {
+        let flags = libc::fcntl(FIRST, libc::F_GETFD);
+        libc::fcntl(FIRST, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+        Some(std::net::TcpListener::from_raw_fd(FIRST))
+    }
+}

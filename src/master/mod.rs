@@ -7,6 +7,8 @@
 //! Replacement is always start-first: a worker flagged for replacement (budget spent, reload)
 //! keeps serving until enough fresh workers are ready, so capacity never dips.
 
+pub mod control;
+
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -114,6 +116,10 @@ pub struct Master {
     next_probe: Option<Instant>,
     next_memory_check: Option<Instant>,
     sys: sysinfo::System,
+    /// The most recent worker exits, newest last (for `status`).
+    last_exits: std::collections::VecDeque<String>,
+    started: Instant,
+    watchdog: Option<(Duration, Instant)>,
 }
 
 /// The pieces `main` hands over.
@@ -175,6 +181,9 @@ impl Master {
             next_memory_check: (parts_memory_limit > 0)
                 .then(|| Instant::now() + parts_memory_interval),
             sys: sysinfo::System::new(),
+            last_exits: std::collections::VecDeque::new(),
+            started: Instant::now(),
+            watchdog: systemd::watchdog_interval().map(|d| (d, Instant::now())),
         }
     }
 
@@ -218,6 +227,9 @@ impl Master {
         if let Some(s) = self.spawn_not_before {
             t = t.min(s);
         }
+        if let Some((_, at)) = self.watchdog {
+            t = t.min(at);
+        }
         if self.phase == Phase::Running {
             if let Some(p) = self.next_probe {
                 t = t.min(p);
@@ -238,6 +250,12 @@ impl Master {
         let now = Instant::now();
         if self.spawn_not_before.is_some_and(|t| t <= now) {
             self.spawn_not_before = None;
+        }
+        if let Some((every, at)) = self.watchdog {
+            if at <= now {
+                systemd::notify("WATCHDOG=1");
+                self.watchdog = Some((every, now + every));
+            }
         }
         if self.phase == Phase::Running {
             if self.next_probe.is_some_and(|t| t <= now) {
@@ -304,6 +322,10 @@ impl Master {
                 }
             }
             Event::HealthResult { id, ok, detail } => self.on_health(id, ok, detail),
+            Event::Control { command, reply } => {
+                let answer = self.control(command.trim());
+                let _ = reply.send(answer);
+            }
             Event::ProbeFinished { id } => {
                 if let Some(w) = self.workers.get_mut(&id) {
                     w.probing = false;
@@ -339,6 +361,14 @@ impl Master {
             SignalKind::ReopenLogs => {
                 self.logs.reopen();
                 tracing::info!("SIGUSR1: log files reopened");
+            }
+            SignalKind::Winch => {
+                if self.cfg.daemon {
+                    self.desired = 0;
+                    tracing::info!("SIGWINCH: retiring all workers (daemonized master); SIGHUP or SIGTTIN brings them back");
+                } else {
+                    tracing::info!("SIGWINCH ignored: the master is not daemonized");
+                }
             }
         }
     }
@@ -424,10 +454,23 @@ impl Master {
         w.info.retiring.store(true, Ordering::SeqCst);
         self.update_ready_count();
         let age = w.started.elapsed();
-        let expected = matches!(w.state, WorkerState::Stopping | WorkerState::Draining);
+        // A worker retired because it broke a request and then died is still a crash.
+        let expected = matches!(w.state, WorkerState::Stopping | WorkerState::Draining)
+            && w.reason != Some("crash");
         let reason = w.reason.unwrap_or(if expected { "stop" } else { "crash" });
+        if let Some(m) = &self.shared.metrics {
+            m.worker_exited(id, reason); // metrics hook
+        }
         let served = w.info.served.load(Ordering::Relaxed);
         let how = describe_status(&status);
+        if self.last_exits.len() >= 10 {
+            self.last_exits.pop_front();
+        }
+        self.last_exits.push_back(format!(
+            "worker {id} pid {} reason {reason} served {served} age {}s: {how}",
+            w.info.pid,
+            age.as_secs()
+        ));
         if expected {
             tracing::info!(worker = id, pid = w.info.pid, reason, served, age_s = age.as_secs(), status = %how, "worker exited");
             return;
@@ -585,6 +628,84 @@ impl Master {
                 w.memory_over = 0;
             }
         }
+    }
+
+    /// Answers a control-socket command.
+    fn control(&mut self, command: &str) -> String {
+        match command {
+            "status" => self.status_text(),
+            "reload" => {
+                self.reload();
+                "reload requested\n".into()
+            }
+            "stop" => {
+                self.begin_stop(true);
+                "graceful stop requested\n".into()
+            }
+            other => format!("unknown command {other:?}: use status, reload or stop\n"),
+        }
+    }
+
+    fn status_text(&mut self) -> String {
+        use std::fmt::Write as _;
+        let pids: Vec<sysinfo::Pid> = self
+            .workers
+            .values()
+            .map(|w| sysinfo::Pid::from_u32(w.info.pid))
+            .collect();
+        self.sys.refresh_processes_specifics(
+            sysinfo::ProcessesToUpdate::Some(&pids),
+            true,
+            sysinfo::ProcessRefreshKind::nothing().with_memory(),
+        );
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "master pid {} up {}s, generation {}, bind {}, workers wanted {}, ready {}, queued requests {}, phase {:?}",
+            std::process::id(),
+            self.started.elapsed().as_secs(),
+            self.generation,
+            self.cfg.bind,
+            self.desired,
+            self.shared.ready_workers.load(Ordering::Relaxed),
+            self.shared.pool.queued(),
+            self.phase,
+        );
+        let _ = writeln!(
+            out,
+            "{:>6} {:>8} {:<9} {:>9} {:>9} {:>7}  note",
+            "worker", "pid", "state", "served", "rss_MiB", "age_s"
+        );
+        for w in self.workers.values() {
+            let rss = self
+                .sys
+                .process(sysinfo::Pid::from_u32(w.info.pid))
+                .map(|p| p.memory())
+                .unwrap_or(w.rss);
+            let note = match (w.replace, w.reason) {
+                (Some(r), _) => format!("replacing: {}", r.as_str()),
+                (None, Some(r)) => format!("stopping: {r}"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "{:>6} {:>8} {:<9} {:>9} {:>9.1} {:>7}  {}",
+                w.info.id,
+                w.info.pid,
+                format!("{:?}", w.state).to_lowercase(),
+                w.info.served.load(Ordering::Relaxed),
+                rss as f64 / (1024.0 * 1024.0),
+                w.started.elapsed().as_secs(),
+                note
+            );
+        }
+        if !self.last_exits.is_empty() {
+            let _ = writeln!(out, "last exits:");
+            for e in &self.last_exits {
+                let _ = writeln!(out, "  {e}");
+            }
+        }
+        out
     }
 
     /// The request ran past its timeout: abort the worker (faulthandler dumps its threads), kill after a grace.
@@ -756,9 +877,16 @@ impl Master {
         if new.log.access != old.log.access
             || new.log.error != old.log.error
             || new.log.level != old.log.level
+            || new.log.access_format != old.log.access_format
+            || new.log.rotate != old.log.rotate
+            || new.log.keep != old.log.keep
         {
             fixed.push("[log]");
             new.log = old.log.clone();
+        }
+        if new.metrics != old.metrics {
+            fixed.push("metrics");
+            new.metrics = old.metrics;
         }
         if std::mem::discriminant(&new.app.kind) != std::mem::discriminant(&old.app.kind) {
             fixed.push("[app] wsgi/command kind");
@@ -768,6 +896,10 @@ impl Master {
             tracing::warn!(settings = ?fixed, "SIGHUP: these settings cannot change without a restart; keeping their running values");
         }
         self.generation += 1;
+        // metrics hook
+        if let Some(m) = &self.shared.metrics {
+            m.config_reloaded(self.generation, new.workers.slots_per_worker(&new.app.kind));
+        }
         self.desired = new.workers.count;
         self.shared.pool.set_queue_limit(new.workers.queue);
         self.shared.set_settings(Settings::from_config(&new));
@@ -816,6 +948,9 @@ impl Master {
                     budget,
                     "worker spawned"
                 );
+                if let Some(m) = &self.shared.metrics {
+                    m.worker_spawned(id, sp.pid); // metrics hook
+                }
                 self.workers.insert(
                     id,
                     WorkerRec {
@@ -946,6 +1081,7 @@ pub fn forward_signals(tx: UnboundedSender<Event>) -> std::io::Result<()> {
         (K::from_raw(libc::SIGTTIN), SignalKind::Increment),
         (K::from_raw(libc::SIGTTOU), SignalKind::Decrement),
         (K::user_defined1(), SignalKind::ReopenLogs),
+        (K::window_change(), SignalKind::Winch),
     ];
     for (kind, ev) in table {
         let mut s = signal(kind)?;

@@ -1,0 +1,49 @@
+"""Fixture for the worker-lifecycle tests: recycling, timeouts, health, memory, crashes.
+
+Routes: /pid, /stuck?s=N (sleeps inside stuck_in_model_call, so the timeout traceback names it),
+/health (200, or 500 once /sicken was called in this process), /sicken, /alloc?mb=N (holds N MiB),
+/exit (os._exit mid-request). If the file named by $LIFEAPP_FAIL_IMPORT exists, import fails.
+"""
+import os
+import time
+
+if os.environ.get("LIFEAPP_FAIL_IMPORT") and os.path.exists(os.environ["LIFEAPP_FAIL_IMPORT"]):
+    raise RuntimeError("lifeapp: import disabled by the test's trigger file")
+
+SICK = False
+HELD = []
+
+
+def stuck_in_model_call(seconds):
+    time.sleep(seconds)
+
+
+def respond(start_response, body, status="200 OK"):
+    data = body.encode()
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+def app(environ, start_response):
+    global SICK
+    path = environ["PATH_INFO"]
+    q = dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
+    pid = str(os.getpid())
+    if path == "/pid":
+        return respond(start_response, pid)
+    if path == "/stuck":
+        stuck_in_model_call(float(q.get("s", "30")))
+        return respond(start_response, pid)
+    if path == "/health":
+        return respond(start_response, "sick" if SICK else "ok", "500 Internal Server Error" if SICK else "200 OK")
+    if path == "/sicken":
+        SICK = True
+        return respond(start_response, pid)
+    if path == "/alloc":
+        HELD.append(bytearray(int(q.get("mb", "100")) << 20))
+        for i in range(0, len(HELD[-1]), 4096):
+            HELD[-1][i] = 1
+        return respond(start_response, pid)
+    if path == "/exit":
+        os._exit(7)
+    return respond(start_response, "not found", "404 Not Found")
