@@ -392,7 +392,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         ConfigError {
             file: file.to_path_buf(),
             line,
-            key: String::new(),
+            key: line.and_then(|l| key_at_line(text, l)).unwrap_or_default(),
             message: e.message().trim().to_string(),
         }
     })?;
@@ -401,6 +401,30 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
 
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The `[section] key` written on line `line` (1-based), if that line assigns a key.
+fn key_at_line(text: &str, line: usize) -> Option<String> {
+    let mut section = String::new();
+    for (i, l) in text.lines().enumerate() {
+        let t = l.trim();
+        if t.starts_with('[') {
+            section = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        }
+        if i + 1 == line {
+            let (k, _) = t.split_once('=')?;
+            let k = k.trim().trim_matches('"');
+            if k.is_empty() || t.starts_with('#') {
+                return None;
+            }
+            return Some(if section.is_empty() {
+                k.to_string()
+            } else {
+                format!("[{section}] {k}")
+            });
+        }
+    }
+    None
 }
 
 /// Finds the line of `key` inside `[section]` (or at the top level when section is empty).
@@ -739,32 +763,7 @@ impl RawConfig {
                 .map_err(|m| err("log", "access_format", m))?,
         };
         use crate::logging::rotate::Rotate;
-        let rotate = match l.rotate {
-            None => Rotate::Never,
-            Some(RawRotate::Bytes(n)) if n > 0 => Rotate::Size(n as u64),
-            Some(RawRotate::Word(w)) => match w.to_ascii_lowercase().as_str() {
-                "never" | "" => Rotate::Never,
-                "daily" => Rotate::Daily,
-                "hourly" => Rotate::Hourly,
-                _ => match parse_size(&w) {
-                    Ok(n) if n > 0 => Rotate::Size(n),
-                    _ => return Err(err(
-                        "log",
-                        "rotate",
-                        format!(
-                            "{w:?}: use \"daily\", \"hourly\", \"never\" or a size like \"100MiB\""
-                        ),
-                    )),
-                },
-            },
-            Some(RawRotate::Bytes(n)) => {
-                return Err(err(
-                    "log",
-                    "rotate",
-                    format!("a size must be greater than 0, found {n}"),
-                ))
-            }
-        };
+        let rotate = parse_rotate(l.rotate).map_err(|m| err("log", "rotate", m))?;
         if let Rotate::Size(n) = rotate {
             if n < 4096 {
                 return Err(err(
@@ -868,6 +867,26 @@ impl RawConfig {
     }
 }
 
+/// `[log] rotate`: "daily", "hourly", "never", or a size (string with a unit, or bytes).
+fn parse_rotate(raw: Option<RawRotate>) -> Result<crate::logging::rotate::Rotate, String> {
+    use crate::logging::rotate::Rotate;
+    let usage = "use \"daily\", \"hourly\", \"never\" or a size like \"100MiB\"";
+    match raw {
+        None => Ok(Rotate::Never),
+        Some(RawRotate::Bytes(n)) if n > 0 => Ok(Rotate::Size(n as u64)),
+        Some(RawRotate::Bytes(n)) => Err(format!("a size must be greater than 0, found {n}")),
+        Some(RawRotate::Word(w)) => match w.to_ascii_lowercase().as_str() {
+            "never" | "" => Ok(Rotate::Never),
+            "daily" => Ok(Rotate::Daily),
+            "hourly" => Ok(Rotate::Hourly),
+            _ => match parse_size(&w) {
+                Ok(n) if n > 0 => Ok(Rotate::Size(n)),
+                _ => Err(format!("{w:?}: {usage}")),
+            },
+        },
+    }
+}
+
 fn parse_bind(s: &str) -> Result<SocketAddr, String> {
     if s.starts_with("unix:") {
         return Err(format!(
@@ -943,6 +962,12 @@ impl Config {
         );
         line("master_threads", self.master_threads.to_string());
         line("ready_path", format!("\"{}\"", self.ready_path));
+        line(
+            "metrics",
+            self.metrics
+                .map(|a| format!("\"{a}\""))
+                .unwrap_or_else(|| "(off)".into()),
+        );
         match &self.app.kind {
             AppKind::Wsgi { module, callable } => {
                 line("app.wsgi", format!("\"{module}:{callable}\""))
@@ -997,6 +1022,21 @@ impl Config {
         line("log.access", t(&self.log.access));
         line("log.error", t(&self.log.error));
         line("log.capture_output", self.log.capture_output.to_string());
+        line(
+            "log.access_format",
+            format!("{:?}", self.log.access_format.source()),
+        );
+        use crate::logging::rotate::Rotate;
+        line(
+            "log.rotate",
+            match self.log.rotate {
+                Rotate::Never => "\"never\"".to_string(),
+                Rotate::Daily => "\"daily\"".to_string(),
+                Rotate::Hourly => "\"hourly\"".to_string(),
+                Rotate::Size(n) => n.to_string(),
+            },
+        );
+        line("log.keep", self.log.keep.to_string());
         s
     }
 
@@ -1065,6 +1105,7 @@ mod tests {
     fn wrong_type_names_line() {
         let e = p("[app]\nwsgi = \"a:b\"\n[workers]\nthreads = \"many\"\n").unwrap_err();
         assert_eq!(e.line, Some(4), "{e}");
+        assert_eq!(e.key, "[workers] threads", "{e}");
     }
 
     #[test]
@@ -1114,6 +1155,51 @@ mod tests {
             PathBuf::from("/etc/gte/srv/venv/bin/python3")
         );
         assert_eq!(c.log.access, LogTarget::File("/etc/gte/log/a.log".into()));
+    }
+
+    #[test]
+    fn log_format_rotation_and_metrics_keys() {
+        use crate::logging::rotate::Rotate;
+        let c = p(MIN).unwrap();
+        assert_eq!(c.log.rotate, Rotate::Never);
+        assert_eq!(c.log.keep, 14);
+        assert_eq!(c.metrics, None);
+        assert!(!c.log.access_format.is_json());
+
+        let e = p("[app]\nwsgi = \"a:b\"\n[log]\naccess_format = \"%(h)s %(x)s\"\n").unwrap_err();
+        assert_eq!(e.key, "[log] access_format");
+        assert_eq!(e.line, Some(4));
+        assert!(e.message.contains("%(x)s"), "{e}");
+        let c = p("[app]\nwsgi = \"a:b\"\n[log]\naccess_format = \"JSON\"\n").unwrap();
+        assert!(c.log.access_format.is_json());
+
+        let rot = |v: &str| p(&format!("[app]\nwsgi = \"a:b\"\n[log]\nrotate = {v}\n"));
+        assert_eq!(rot("\"daily\"").unwrap().log.rotate, Rotate::Daily);
+        assert_eq!(rot("\"hourly\"").unwrap().log.rotate, Rotate::Hourly);
+        assert_eq!(
+            rot("\"100MiB\"").unwrap().log.rotate,
+            Rotate::Size(100 << 20)
+        );
+        assert_eq!(rot("65536").unwrap().log.rotate, Rotate::Size(65536));
+        assert_eq!(rot("\"weekly\"").unwrap_err().key, "[log] rotate");
+        assert!(rot("\"1KiB\"").is_err());
+        assert!(rot("0").is_err());
+        let e = p("[app]\nwsgi = \"a:b\"\n[log]\nkeep = -1\n").unwrap_err();
+        assert_eq!(e.key, "[log] keep");
+        let e = p("[app]\nwsgi = \"a:b\"\n[log]\nrotate = \"daily\"\naccess = \"x.log\"\nerror = \"x.log\"\n")
+            .unwrap_err();
+        assert!(e.message.contains("same file"), "{e}");
+
+        let c = p("metrics = \"127.0.0.1:9191\"\n[app]\nwsgi = \"a:b\"\n").unwrap();
+        assert_eq!(c.metrics.unwrap().to_string(), "127.0.0.1:9191");
+        for clash in ["127.0.0.1:8000", "0.0.0.0:8000"] {
+            let e = p(&format!("metrics = \"{clash}\"\n[app]\nwsgi = \"a:b\"\n")).unwrap_err();
+            assert_eq!(e.key, "metrics");
+            assert_eq!(e.line, Some(1));
+            assert!(e.message.contains("public listener"), "{e}");
+        }
+        assert!(p("metrics = \"nonsense\"\n[app]\nwsgi = \"a:b\"\n").is_err());
+        assert!(p("metrics = \"127.0.0.2:8000\"\n[app]\nwsgi = \"a:b\"\n").is_ok());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod event;
 pub mod logging;
 pub mod master;
+pub mod metrics;
 pub mod migrate;
 pub mod pidfile;
 pub mod proxy;

@@ -368,6 +368,97 @@ mod tests {
             .is_none());
     }
 
+    /// Per-request cost of the hook: `cargo test --release --lib hook_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn hook_cost() {
+        let req = Request::builder()
+            .uri("/embed?lang=zh")
+            .header("user-agent", "bench/1.0")
+            .header("referer", "http://example/")
+            .body(())
+            .unwrap();
+        let n = 1_000_000u32;
+        let run = |label: &str, log: &AccessLog| {
+            let t = Instant::now();
+            for _ in 0..n {
+                let mut r = log.begin(&req, "127.0.0.1", Instant::now());
+                if let Some(r) = r.as_mut() {
+                    r.queue_enter();
+                    r.queue_leave();
+                }
+                if let Some(r) = &r {
+                    log.log(r, 200, 1234, Some(4242));
+                }
+            }
+            let ns = t.elapsed().as_nanos() as f64 / n as f64;
+            println!("{label:<32} {ns:>7.0} ns/request");
+        };
+        let metrics = Some(Arc::new(Metrics::new(1)));
+        let writer = || {
+            let (nb, guard) = NonBlockingBuilder::default()
+                .lossy(true)
+                .buffered_lines_limit(QUEUE_LINES)
+                .finish(io::sink());
+            std::mem::forget(guard);
+            Some(nb)
+        };
+        run("off (no record)", &AccessLog::disabled());
+        {
+            // The parts: rendering a line, and handing a line to the writer thread.
+            let rec = AccessLog::new(writer(), AccessFormat::default(), None)
+                .begin(&req, "127.0.0.1", Instant::now())
+                .unwrap();
+            let l = rec.line.as_ref().unwrap();
+            let fmt = AccessFormat::default();
+            let mut buf = String::new();
+            let t = Instant::now();
+            for _ in 0..n {
+                buf.clear();
+                let facts = Facts {
+                    remote: &l.remote,
+                    method: &rec.method,
+                    uri: &l.uri,
+                    version: l.version,
+                    status: 200,
+                    bytes: 1234,
+                    elapsed: rec.start.elapsed(),
+                    worker_pid: Some(4242),
+                    referer: l.referer.as_ref(),
+                    user_agent: l.user_agent.as_ref(),
+                    authorization: None,
+                    request_headers: &[],
+                    response_headers: &[],
+                    now: SystemTime::now(),
+                };
+                fmt.render(&mut buf, &facts);
+            }
+            let ns = t.elapsed().as_nanos() as f64 / n as f64;
+            println!("{:<32} {ns:>7.0} ns/request", "  render only (default)");
+            let w = writer().unwrap();
+            let t = Instant::now();
+            for _ in 0..n {
+                let _ = w.make_writer().write_all(buf.as_bytes());
+            }
+            let ns = t.elapsed().as_nanos() as f64 / n as f64;
+            println!("{:<32} {ns:>7.0} ns/request", "  hand-off only");
+        }
+        run(
+            "metrics only",
+            &AccessLog::new(None, AccessFormat::default(), metrics.clone()),
+        );
+        run(
+            "access log (default format)",
+            &AccessLog::new(writer(), AccessFormat::default(), None),
+        );
+        let json = AccessFormat::parse("json").unwrap();
+        run("access log (json)", &AccessLog::new(writer(), json, None));
+        run(
+            "access log + metrics",
+            &AccessLog::new(writer(), AccessFormat::default(), metrics),
+        );
+    }
+
     #[test]
     fn metrics_count_done_cancelled_and_busy() {
         let m = Arc::new(Metrics::new(1));

@@ -74,9 +74,26 @@ fn run(config_path: &Path) -> i32 {
             return fail(exit::IN_USE, held);
         }
     }
-    let std_listener = match bind_std(&cfg) {
-        Ok(l) => l,
-        Err(e) => return fail(exit::IN_USE, format!("cannot listen on {}: {e}", cfg.bind)),
+    // A socket handed over by systemd socket activation replaces our own bind.
+    let std_listener = match gte_supervisor::systemd::activated_listener() {
+        Some(l) => l,
+        None => match bind_std(&cfg) {
+            Ok(l) => l,
+            Err(e) => return fail(exit::IN_USE, format!("cannot listen on {}: {e}", cfg.bind)),
+        },
+    };
+    // Metrics (issue 6): their own listener, bound up front like the public one.
+    let metrics_listener = match cfg.metrics {
+        Some(addr) => match gte_supervisor::metrics::bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return fail(
+                    exit::IN_USE,
+                    format!("cannot listen on {addr} (metrics): {e}"),
+                )
+            }
+        },
+        None => None,
     };
     if cfg.daemon {
         if let Err(e) = daemon::daemonize() {
@@ -91,6 +108,22 @@ fn run(config_path: &Path) -> i32 {
         },
         None => None,
     };
+    let control_listener = match &cfg.pidfile {
+        Some(p) => match master::control::bind(&master::control::control_path(p)) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return fail(
+                    exit::RUNTIME,
+                    format!(
+                        "cannot create the control socket beside {}: {e}",
+                        p.display()
+                    ),
+                )
+            }
+        },
+        None => None,
+    };
+    let control_path = cfg.pidfile.as_deref().map(master::control::control_path);
     let runtime_dir = match make_runtime_dir() {
         Ok(d) => d,
         Err(e) => {
@@ -134,6 +167,17 @@ fn run(config_path: &Path) -> i32 {
             Err(e) => return fail(exit::RUNTIME, format!("listener: {e}")),
         };
         let shared = Arc::new(proxy::Shared::new(&cfg, logs.access.clone()));
+        // Metrics (issue 6): serve /metrics, sampling the proxy's queue and ready workers.
+        if let (Some(l), Some(m)) = (metrics_listener, shared.metrics.clone()) {
+            let s = shared.clone();
+            let dropped = logs.dropped_lines();
+            let sampler = Box::new(move || gte_supervisor::metrics::Sample {
+                queued: s.pool.queued(),
+                ready_workers: s.ready_workers.load(std::sync::atomic::Ordering::Relaxed),
+                dropped_log_lines: dropped(),
+            });
+            tokio::spawn(gte_supervisor::metrics::serve(l, m, sampler));
+        }
         let master = Master::new(MasterParts {
             cfg,
             config_path: config_path.to_path_buf(),
@@ -148,6 +192,17 @@ fn run(config_path: &Path) -> i32 {
                 format!("cannot install signal handlers: {e}"),
             );
         }
+        if let Some(l) = control_listener {
+            match l
+                .set_nonblocking(true)
+                .and_then(|_| tokio::net::UnixListener::from_std(l))
+            {
+                Ok(l) => {
+                    tokio::spawn(master::control::serve(l, master.sender()));
+                }
+                Err(e) => return fail(exit::RUNTIME, format!("control socket: {e}")),
+            }
+        }
         let code = master.run().await;
         if code != exit::OK {
             daemon::report_failure(
@@ -160,6 +215,9 @@ fn run(config_path: &Path) -> i32 {
     // Workers are gone; the runtime may still hold detached tasks: do not wait for them.
     rt.shutdown_timeout(std::time::Duration::from_millis(200));
     let _ = std::fs::remove_dir_all(&runtime_dir);
+    if let Some(c) = control_path {
+        let _ = std::fs::remove_file(c);
+    }
     code
 }
 
@@ -247,7 +305,13 @@ fn control(config_path: &Path, sig: nix::sys::signal::Signal) -> i32 {
 fn status(config_path: &Path) -> i32 {
     match master_pid(config_path) {
         Ok((path, pid)) => {
-            println!("running: master pid {pid} (pidfile {})", path.display());
+            match master::control::request(&master::control::control_path(&path), "status") {
+                Ok(text) => print!("{text}"),
+                Err(e) => println!(
+                    "running: master pid {pid} (pidfile {}); its control socket did not answer: {e}",
+                    path.display()
+                ),
+            }
             exit::OK
         }
         Err((code, msg)) => {

@@ -12,6 +12,10 @@ pub fn notify(state: &str) {
     let Ok(sock) = UnixDatagram::unbound() else {
         return;
     };
+    // Never block the master: a receiver that does not read (a full queue) loses the message.
+    if sock.set_nonblocking(true).is_err() {
+        return;
+    }
     let bytes = path.as_encoded_bytes();
     if let Some(name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;

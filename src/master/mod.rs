@@ -120,6 +120,8 @@ pub struct Master {
     last_exits: std::collections::VecDeque<String>,
     started: Instant,
     watchdog: Option<(Duration, Instant)>,
+    /// Hands a new public listener to the server task (bind changed on reload).
+    listener_tx: UnboundedSender<tokio::net::TcpListener>,
 }
 
 /// The pieces `main` hands over.
@@ -149,11 +151,13 @@ impl Master {
         let parts_memory_interval = parts.cfg.workers.memory_check_interval;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (grace_tx, grace_rx) = watch::channel(parts.cfg.workers.graceful_timeout);
+        let (listener_tx, listener_rx) = tokio::sync::mpsc::unbounded_channel();
         let server = tokio::spawn(crate::proxy::serve(
             parts.listener,
             parts.shared.clone(),
             stop_rx,
             grace_rx,
+            listener_rx,
         ));
         Master {
             desired: parts.cfg.workers.count,
@@ -184,6 +188,7 @@ impl Master {
             last_exits: std::collections::VecDeque::new(),
             started: Instant::now(),
             watchdog: systemd::watchdog_interval().map(|d| (d, Instant::now())),
+            listener_tx,
         }
     }
 
@@ -859,8 +864,17 @@ impl Master {
         let old = &self.cfg;
         let mut fixed = Vec::new();
         if new.bind != old.bind {
-            fixed.push("bind");
-            new.bind = old.bind;
+            // The new listener opens before the old one closes: no connection is refused.
+            match crate::proxy::bind(new.bind, new.backlog) {
+                Ok(l) => {
+                    tracing::info!(old = %old.bind, new = %new.bind, "SIGHUP: now listening on the new address; the old listener is closed");
+                    let _ = self.listener_tx.send(l);
+                }
+                Err(e) => {
+                    tracing::error!(new = %new.bind, error = %e, "SIGHUP: cannot listen on the new address; keeping the old one");
+                    new.bind = old.bind;
+                }
+            }
         }
         if new.pidfile != old.pidfile {
             fixed.push("pidfile");

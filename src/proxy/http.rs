@@ -52,7 +52,7 @@ pub async fn forward(
     shared: &Arc<Shared>,
     mut req: Request<Incoming>,
     client_ip: String,
-    record: Option<AccessRecord>,
+    mut record: Option<AccessRecord>,
     timeout: Option<std::time::Duration>,
 ) -> Response<ProxyBody> {
     let upgrade = is_upgrade(&req);
@@ -75,10 +75,16 @@ pub async fn forward(
     }
     *req.version_mut() = http::Version::HTTP_11;
 
+    if let Some(r) = record.as_mut() {
+        r.queue_enter();
+    }
     let slot = match shared.pool.acquire().await {
         Ok(s) => s,
         Err(_) => return shared.reject(StatusCode::SERVICE_UNAVAILABLE, record),
     };
+    if let Some(r) = record.as_mut() {
+        r.queue_leave();
+    }
     let mut hold = SlotHold::new(&shared.pool, slot);
     let deadline = Instant::now() + timeout.unwrap_or(hold.get().worker.timeout);
     let addr = hold.get().worker.addr.clone();
@@ -137,6 +143,7 @@ pub async fn forward(
     };
     let mut resp = resp;
     let status = resp.status();
+    shared.access.capture_response(&mut record, resp.headers());
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let backend_upgrade = hyper::upgrade::on(&mut resp);

@@ -78,18 +78,27 @@ pub struct Shared {
     pub settings: RwLock<Arc<Settings>>,
     /// Workers ready and not retiring (for the readiness path).
     pub ready_workers: AtomicUsize,
+    /// Access log + per-request metrics hook.
     pub access: AccessLog,
+    /// Prometheus metrics (`metrics = "host:port"`); the master reports worker lifecycle here.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
     open_connections: AtomicUsize,
     connections_gone: Notify,
 }
 
 impl Shared {
     pub fn new(cfg: &Config, access: AccessLog) -> Self {
+        let metrics = cfg.metrics.map(|_| {
+            Arc::new(crate::metrics::Metrics::new(
+                cfg.workers.slots_per_worker(&cfg.app.kind),
+            ))
+        });
         Shared {
             pool: IdlePool::new(cfg.workers.queue),
             settings: RwLock::new(Arc::new(Settings::from_config(cfg))),
             ready_workers: AtomicUsize::new(0),
-            access,
+            access: access.with_metrics(metrics.clone()),
+            metrics,
             open_connections: AtomicUsize::new(0),
             connections_gone: Notify::new(),
         }
@@ -183,15 +192,8 @@ pub async fn handle(
         Some(ip) => String::from_utf8_lossy(ip).into_owned(),
         None => peer.ip().to_string(),
     };
-    let record = shared.access.enabled().then(|| AccessRecord {
-        remote: client_ip_string.clone(),
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        version: req.version(),
-        referer: req.headers().get(header::REFERER).cloned(),
-        user_agent: req.headers().get(header::USER_AGENT).cloned(),
-        start,
-    });
+    // Captures only what the access format and the metrics use (None when both are off).
+    let record = shared.access.begin(&req, &client_ip_string, start);
 
     // Refuse an announced oversized body before reading any of it.
     if let Some(cl) = req.headers().get(header::CONTENT_LENGTH) {
@@ -278,13 +280,18 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 /// Accepts clients until `stop` turns true, then waits (up to `grace`) for open connections to
 /// finish their in-flight requests, and returns.
 pub async fn serve(
-    listener: TcpListener,
+    mut listener: TcpListener,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     grace_rx: watch::Receiver<Duration>,
+    mut new_listener: tokio::sync::mpsc::UnboundedReceiver<TcpListener>,
 ) {
     loop {
         tokio::select! {
+            Some(l) = new_listener.recv() => {
+                // A reload changed `bind`: the new listener is already open; close the old one.
+                listener = l;
+            }
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);

@@ -125,15 +125,21 @@ pub async fn forward(
     shared: &Arc<Shared>,
     request: Bytes,
     body: Vec<Bytes>,
-    record: Option<AccessRecord>,
+    mut record: Option<AccessRecord>,
     timeout: Option<std::time::Duration>,
 ) -> Response<ProxyBody> {
     let mut attempts = 0;
+    if let Some(r) = record.as_mut() {
+        r.queue_enter();
+    }
     let (slot, mut conn) = loop {
         let slot = match shared.pool.acquire().await {
             Ok(s) => s,
             Err(_) => return shared.reject(StatusCode::SERVICE_UNAVAILABLE, record),
         };
+        if let Some(r) = record.as_mut() {
+            r.queue_leave();
+        }
         let mut hold = SlotHold::new(&shared.pool, slot);
         match hold.get().conn.take() {
             Some(Conn::Wire(c)) => break (hold.take(), c),
@@ -191,6 +197,7 @@ pub async fn forward(
         Ok(x) => x,
         Err(e) => return fail(shared, slot, &e.0, record),
     };
+    shared.access.capture_response(&mut record, &headers);
     let mut resp = Response::new(ProxyBody::empty());
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;

@@ -1,0 +1,27 @@
+"""Fixture for `command` workers: a tiny HTTP/1.1 server (stdlib) on 127.0.0.1:<argv[1]>.
+
+GET /pid answers "command-app <pid>"; any other path answers "command-app".
+"""
+
+import os
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = ("command-app %d" % os.getpid() if self.path == "/pid" else "command-app").encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        sys.stderr.write("httpapp: " + (fmt % args) + "\n")
+
+
+if __name__ == "__main__":
+    HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()

@@ -1,0 +1,188 @@
+//! Invalid configurations: `gte-supervisor -c FILE` must exit 2 with a message that names the
+//! file, the line and the key (e.g. `workers.toml:7: [workers] count: ...`) — and start nothing.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::time::Duration;
+
+const VALID: &str = r#"bind = "127.0.0.1:{port}"
+pidfile = "{dir}/master.pid"
+
+[app]
+wsgi = "testapp:app"
+chdir = "{dir}/app"
+python = "{python}"
+
+[workers]
+count = 2
+
+[log]
+access = "{dir}/access.log"
+error = "{dir}/error.log"
+"#;
+
+/// Run the master on `body` (placeholders filled) and expect exit 2 without starting anything.
+fn expect_invalid(name: &str, body: &str) -> (TestDir, Output, String) {
+    let dir = TestDir::new(name);
+    dir.install_app(&["testapp.py"]);
+    let port = free_port();
+    let cfg = write_config(&dir, "workers.toml", body, port);
+    let text = fs::read_to_string(&cfg).unwrap();
+    let out = run_master_to_exit(&dir, &cfg, Duration::from_secs(15));
+    assert_eq!(
+        out.code(),
+        Some(2),
+        "invalid config must exit 2\n--- config ---\n{text}\n{}",
+        out.dump()
+    );
+    assert!(
+        !dir.join("master.pid").exists(),
+        "no pidfile for an invalid config"
+    );
+    assert!(
+        Http::try_connect(port).is_err(),
+        "nothing may listen for an invalid config"
+    );
+    (dir, out, text)
+}
+
+fn assert_names(out: &Output, text: &str, key_line_needle: &str, key: &str) {
+    let line = line_of(text, key_line_needle);
+    let msg = out.all();
+    assert!(
+        msg.contains(&format!("workers.toml:{line}")),
+        "message must name workers.toml:{line}: {msg}"
+    );
+    assert!(
+        msg.contains(key),
+        "message must name the key {key:?}: {msg}"
+    );
+}
+
+#[test]
+fn the_valid_base_config_starts() {
+    // guards the fixtures below: the base config itself is fine
+    let dir = TestDir::new("valid_base");
+    dir.install_app(&["testapp.py"]);
+    let port = free_port();
+    let cfg = write_config(&dir, "workers.toml", VALID, port);
+    let mut srv = Server::spawn(&dir, &cfg, port, &dir.path);
+    srv.wait_ready(READY_TIMEOUT);
+    assert_eq!(srv.get("/").status, 200);
+}
+
+#[test]
+fn unknown_key_is_rejected() {
+    let body = VALID.replace("count = 2\n", "count = 2\nbogus_key = 1\n");
+    let (_d, out, text) = expect_invalid("unknown_key", &body);
+    assert_names(&out, &text, "bogus_key", "bogus_key");
+}
+
+#[test]
+fn unknown_section_is_rejected() {
+    let body = format!("{VALID}\n[wokers]\ncount = 3\n");
+    let (_d, out, text) = expect_invalid("unknown_section", &body);
+    assert_names(&out, &text, "[wokers]", "wokers");
+}
+
+#[test]
+fn wrong_type_is_rejected() {
+    let body = VALID.replace("count = 2\n", "count = 2\nthreads = true\n");
+    let (_d, out, text) = expect_invalid("wrong_type", &body);
+    assert_names(&out, &text, "threads = true", "threads");
+}
+
+#[test]
+fn zero_workers_is_rejected() {
+    let body = VALID.replace("count = 2", "count = 0");
+    let (_d, out, text) = expect_invalid("count_zero", &body);
+    assert_names(&out, &text, "count = 0", "count");
+}
+
+#[test]
+fn nonsense_count_string_is_rejected() {
+    let body = VALID.replace("count = 2", "count = \"lots\"");
+    let (_d, out, text) = expect_invalid("count_string", &body);
+    assert_names(&out, &text, "count = \"lots\"", "count");
+}
+
+#[test]
+fn nonsense_bind_is_rejected() {
+    let body = VALID.replace("bind = \"127.0.0.1:{port}\"", "bind = \"nonsense\"");
+    let (_d, out, text) = expect_invalid("bind_nonsense", &body);
+    assert_names(&out, &text, "bind = \"nonsense\"", "bind");
+}
+
+#[test]
+fn bad_size_is_rejected() {
+    let body = VALID.replace(
+        "pidfile =",
+        "limit_request_body = \"50 parsecs\"\npidfile =",
+    );
+    let (_d, out, text) = expect_invalid("bad_size", &body);
+    assert_names(&out, &text, "50 parsecs", "limit_request_body");
+}
+
+#[test]
+fn bad_duration_is_rejected() {
+    let body = VALID.replace("count = 2\n", "count = 2\ntimeout = \"2 fortnights\"\n");
+    let (_d, out, text) = expect_invalid("bad_duration", &body);
+    assert_names(&out, &text, "2 fortnights", "timeout");
+}
+
+#[test]
+fn bad_log_level_is_rejected() {
+    let body = VALID.replace("[log]\n", "[log]\nlevel = \"chatty\"\n");
+    let (_d, out, text) = expect_invalid("bad_level", &body);
+    assert_names(&out, &text, "chatty", "level");
+}
+
+#[test]
+fn missing_app_section_is_rejected() {
+    let start = VALID.find("[app]").unwrap();
+    let end = VALID.find("[workers]").unwrap();
+    let body = format!("{}{}", &VALID[..start], &VALID[end..]);
+    let (_d, out, _) = expect_invalid("missing_app", &body);
+    let msg = out.all();
+    assert!(
+        [
+            "[app]",
+            "`app`",
+            "'app'",
+            "\"app\"",
+            "app section",
+            "app.wsgi",
+            "[app"
+        ]
+        .iter()
+        .any(|n| msg.contains(n)),
+        "message must name the missing [app] table: {msg}"
+    );
+}
+
+#[test]
+fn toml_syntax_error_names_the_line() {
+    let body = VALID.replace("count = 2", "count = ");
+    let (_d, out, text) = expect_invalid("syntax_error", &body);
+    let line = line_of(&text, "count = ");
+    assert!(
+        out.all().contains(&format!("workers.toml:{line}")),
+        "{}",
+        out.dump()
+    );
+}
+
+#[test]
+fn missing_config_file_exits_2_naming_it() {
+    let dir = TestDir::new("missing_file");
+    let path = dir.join("does-not-exist.toml");
+    let out = run_bin(
+        &dir,
+        &["-c", path.to_str().unwrap()],
+        Duration::from_secs(15),
+    );
+    assert_eq!(out.code(), Some(2), "{}", out.dump());
+    assert!(out.all().contains("does-not-exist.toml"), "{}", out.dump());
+}

@@ -1,0 +1,319 @@
+//! Signals and control (issue 5): HUP reload under load with zero failures, a broken config on
+//! HUP, TTIN/TTOU, USR1 log reopen, sd_notify messages, the control socket (`status`, `reload`,
+//! `stop`), a changed `bind` on reload, and socket activation (LISTEN_FDS).
+
+mod common;
+
+use common::*;
+use std::os::unix::process::CommandExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const SIGHUP: i32 = 1;
+const SIGUSR1: i32 = 10;
+const SIGTTIN: i32 = 21;
+const SIGTTOU: i32 = 22;
+
+/// Keeps `threads` keep-alive clients busy until stopped; returns (ok, failures).
+fn load(
+    port: u16,
+    threads: usize,
+    stop: Arc<AtomicBool>,
+) -> (
+    Arc<AtomicU64>,
+    Arc<Mutex<Vec<String>>>,
+    Vec<std::thread::JoinHandle<()>>,
+) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let handles = (0..threads)
+        .map(|_| {
+            let (ok, failures, stop) = (ok.clone(), failures.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut conn = Http::connect(port);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let req = conn.build("GET", "/pid", &[], b"");
+                    match conn.try_send(&req).and_then(|_| conn.read_response(false)) {
+                        Ok(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            if r.closes() {
+                                conn = Http::connect(port);
+                            }
+                        }
+                        Ok(r) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("status {}", r.status)),
+                        Err(e) => {
+                            failures.lock().unwrap().push(format!("io: {e}"));
+                            conn = Http::connect(port);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    (ok, failures, handles)
+}
+
+#[test]
+fn ten_hups_under_load_lose_nothing_and_apply_the_new_count() {
+    let mut fx = start_standard("hup_load", |c| c.set("workers", "count", "2"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failures, handles) = load(fx.port, 8, stop.clone());
+    let text = std::fs::read_to_string(&fx.srv.config).unwrap();
+    std::fs::write(&fx.srv.config, toml_set(&text, "workers", "count", "3")).unwrap();
+    for i in 0..10 {
+        let before = fx.srv.error_log().matches("reload complete").count();
+        fx.srv.signal(SIGHUP);
+        wait_until(
+            &format!("reload {i} completes"),
+            Duration::from_secs(30),
+            || (fx.srv.error_log().matches("reload complete").count() > before).then_some(()),
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failures: {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        fx.srv.diagnostics()
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100, "too few requests served");
+    let kids = fx.srv.wait_children_count(3, Duration::from_secs(30));
+    assert_eq!(kids.len(), 3);
+    assert!(
+        fx.srv
+            .notifications
+            .iter()
+            .any(|n| n.contains("RELOADING=1"))
+            || {
+                fx.srv
+                    .wait_notification("RELOADING=1", Duration::from_secs(5));
+                true
+            }
+    );
+}
+
+#[test]
+fn broken_config_on_hup_keeps_the_old_pool_serving() {
+    let mut fx = start_standard("hup_broken", |c| c);
+    let pids_before = fx.srv.wait_children_count(2, Duration::from_secs(10));
+    let text = std::fs::read_to_string(&fx.srv.config).unwrap();
+    std::fs::write(&fx.srv.config, toml_set(&text, "workers", "count", "0")).unwrap();
+    fx.srv.signal(SIGHUP);
+    let line =
+        fx.srv
+            .wait_error_log_line("invalid config on reload", Duration::from_secs(10), |l| {
+                l.contains("keeping the running one")
+            });
+    assert!(line.contains("count"), "{line}");
+    assert_eq!(fx.srv.get("/").status, 200);
+    let mut after = fx.srv.live_children();
+    after.sort();
+    let mut before = pids_before.clone();
+    before.sort();
+    assert_eq!(after, before, "workers changed after a broken reload");
+}
+
+#[test]
+fn ttin_and_ttou_resize_the_pool() {
+    let mut fx = start_standard("ttin_ttou", |c| c);
+    fx.srv.wait_children_count(2, Duration::from_secs(10));
+    fx.srv.signal(SIGTTIN);
+    fx.srv.wait_children_count(3, Duration::from_secs(20));
+    // Signals of one kind coalesce while pending: wait for each step.
+    fx.srv.signal(SIGTTOU);
+    fx.srv.wait_children_count(2, Duration::from_secs(20));
+    fx.srv.signal(SIGTTOU);
+    fx.srv.wait_children_count(1, Duration::from_secs(20));
+    assert_eq!(fx.srv.get("/").status, 200);
+}
+
+#[test]
+fn usr1_reopens_a_moved_access_log() {
+    let fx = start_standard("usr1_reopen", |c| c);
+    assert_eq!(fx.srv.get("/first").status, 404);
+    fx.srv
+        .wait_access_log_line("first", Duration::from_secs(5), |l| l.contains("/first"));
+    let log = fx.dir.join("access.log");
+    let moved = fx.dir.join("access.log.1");
+    std::fs::rename(&log, &moved).unwrap();
+    fx.srv.signal(SIGUSR1);
+    fx.srv
+        .wait_error_log_line("reopen", Duration::from_secs(5), |l| {
+            l.contains("log files reopened")
+        });
+    assert_eq!(fx.srv.get("/second").status, 404);
+    wait_until(
+        "the new access.log gets /second",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains("/second"))
+                .map(|_| ())
+        },
+    );
+    let old = std::fs::read_to_string(&moved).unwrap();
+    assert!(old.contains("/first") && !old.contains("/second"), "{old}");
+}
+
+#[test]
+fn sd_notify_ready_status_and_stopping() {
+    let mut fx = start_standard("notify", |c| c);
+    let ready = fx.srv.wait_notification("READY=1", Duration::from_secs(5));
+    assert!(ready.contains("STATUS="), "{ready}");
+    assert!(
+        ready.contains(&format!("MAINPID={}", fx.srv.pid)),
+        "{ready}"
+    );
+    fx.srv.signal(SIGTERM);
+    fx.srv
+        .wait_notification("STOPPING=1", Duration::from_secs(10));
+    let st = fx.srv.wait_exit(Duration::from_secs(20));
+    assert!(st.success(), "{}", describe_status(&st));
+}
+
+#[test]
+fn status_reload_and_stop_through_the_cli() {
+    let mut fx = start_standard("control_cli", |c| c);
+    let cfg = fx.srv.config.to_str().unwrap().to_owned();
+    let out = run_bin(&fx.dir, &["status", "-c", &cfg], Duration::from_secs(20));
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    let kids = fx.srv.live_children();
+    for k in &kids {
+        assert!(
+            out.stdout.contains(&k.to_string()),
+            "status lacks worker pid {k}:\n{}",
+            out.stdout
+        );
+    }
+    assert!(out.stdout.contains("ready"), "{}", out.stdout);
+    let ctl = fx.dir.join("master.ctl");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&ctl).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
+    let out = run_bin(&fx.dir, &["reload", "-c", &cfg], Duration::from_secs(20));
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    fx.srv
+        .wait_error_log_line("reload", Duration::from_secs(20), |l| {
+            l.contains("reload complete")
+        });
+    let out = run_bin(&fx.dir, &["stop", "-c", &cfg], Duration::from_secs(60));
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    let st = fx.srv.wait_exit(Duration::from_secs(10));
+    assert!(st.success());
+    let out = run_bin(&fx.dir, &["status", "-c", &cfg], Duration::from_secs(20));
+    assert_ne!(out.code(), Some(0));
+    assert!(out.all().contains("no master is running"), "{}", out.dump());
+}
+
+#[test]
+fn reload_with_a_new_bind_moves_the_listener() {
+    let fx = start_standard("hup_bind", |c| c);
+    let new_port = free_port();
+    let text = std::fs::read_to_string(&fx.srv.config).unwrap();
+    std::fs::write(
+        &fx.srv.config,
+        toml_set(&text, "", "bind", &q(format!("127.0.0.1:{new_port}"))),
+    )
+    .unwrap();
+    fx.srv.signal(SIGHUP);
+    fx.srv.wait_error_log_line(
+        "listening on the new address",
+        Duration::from_secs(20),
+        |l| l.contains("now listening on the new address"),
+    );
+    let r = Http::connect(new_port).request("GET", "/", &[], b"");
+    assert_eq!(r.status, 200);
+    assert!(
+        Http::try_connect(fx.port).is_err(),
+        "old port still accepts"
+    );
+}
+
+#[test]
+fn socket_activation_serves_the_inherited_listener() {
+    let dir = TestDir::new("listen_fds");
+    let bind_port = free_port();
+    let conf = Conf::standard(&dir, bind_port);
+    let cfg = conf.write(&dir);
+    let inherited = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = inherited.local_addr().unwrap().port();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&inherited);
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" -c \"$1\"")
+        .arg(BIN)
+        .arg(&cfg)
+        .stdout(std::fs::File::create(dir.join("master.stdout")).unwrap())
+        .stderr(std::fs::File::create(dir.join("master.stderr")).unwrap());
+    // SAFETY: dup2 only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup first: if the listener already is fd 3, dup2(3, 3) would keep its CLOEXEC flag.
+            let tmp = libc_dup(fd);
+            if tmp < 0 || libc_dup2(tmp, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(inherited);
+    let guard = ProcId::of(child.id());
+    let r = wait_until(
+        "the inherited socket serves",
+        Duration::from_secs(30),
+        || {
+            let mut c = Http::try_connect(port).ok()?;
+            let req = c.build("GET", "/-/ready", &[], b"");
+            c.try_send(&req).ok()?;
+            c.read_response(false).ok().filter(|r| r.status == 200)
+        },
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        Http::connect(port).request("GET", "/", &[], b"").status,
+        200
+    );
+    assert!(
+        Http::try_connect(bind_port).is_err(),
+        "the master bound its own address too"
+    );
+    let kids = proc_descendants(child.id());
+    send_signal(child.id(), SIGTERM);
+    let st = wait_child(&mut child, Duration::from_secs(20));
+    assert!(st.is_some_and(|s| s.success()), "{st:?}");
+    for k in kids {
+        if let Some(p) = ProcId::of(k) {
+            p.kill();
+        }
+    }
+    let _ = guard;
+}
+
+extern "C" {
+    #[link_name = "dup2"]
+    fn libc_dup2_raw(old: i32, new: i32) -> i32;
+    #[link_name = "dup"]
+    fn libc_dup_raw(old: i32) -> i32;
+}
+
+fn libc_dup(old: i32) -> i32 {
+    // SAFETY: plain syscall wrapper on an fd owned by this (child) process.
+    unsafe { libc_dup_raw(old) }
+}
+
+fn libc_dup2(old: i32, new: i32) -> i32 {
+    // SAFETY: plain syscall wrapper on fds owned by this (child) process.
+    unsafe { libc_dup2_raw(old, new) }
+}
