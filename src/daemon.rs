@@ -7,20 +7,29 @@ use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::Mutex;
 
-use nix::unistd::{dup2, fork, pipe, setsid, ForkResult};
+use nix::unistd::{dup2, fork, pipe2, setsid, ForkResult};
 
 static REPORT: Mutex<Option<File>> = Mutex::new(None);
 
 /// Detaches. Returns in the daemon only; the original process exits with the daemon's verdict.
 /// Must run before any thread is started.
 pub fn daemonize() -> std::io::Result<()> {
-    let (read_end, write_end) = pipe()?;
+    // CLOEXEC: workers the daemon spawns must not hold the write end open.
+    let (read_end, write_end) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // SAFETY: single-threaded at this point (no runtime, no logging threads yet).
     match unsafe { fork() }? {
         ForkResult::Parent { .. } => {
             drop(write_end);
             let mut msg = String::new();
-            let _ = File::from(read_end).read_to_string(&mut msg);
+            let mut f = File::from(read_end);
+            let mut chunk = [0u8; 4096];
+            // Until the daemon says READY, or reports a failure and closes the pipe.
+            while !msg.starts_with("READY") {
+                match f.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => msg.push_str(&String::from_utf8_lossy(&chunk[..n])),
+                }
+            }
             if msg.starts_with("READY") {
                 std::process::exit(0);
             }

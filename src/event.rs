@@ -43,6 +43,8 @@ pub enum SignalKind {
     Decrement,
     /// SIGUSR1: reopen log files.
     ReopenLogs,
+    /// SIGUSR2: upgrade the binary in place.
+    Upgrade,
     /// SIGWINCH: retire every worker (only when daemonized, as gunicorn).
     Winch,
 }
@@ -88,6 +90,15 @@ pub enum Event {
     Control {
         command: String,
         reply: tokio::sync::oneshot::Sender<String>,
+    },
+    /// The new master of an upgrade serves: hand over and drain.
+    UpgradeReady {
+        pid: u32,
+    },
+    /// The new master of an upgrade failed: keep serving.
+    UpgradeFailed {
+        pid: u32,
+        why: String,
     },
     /// Every slot of a retiring worker has been released: it is idle and can be stopped.
     WorkerDrained {

@@ -25,4 +25,5 @@ pub mod migrate;
 pub mod pidfile;
 pub mod proxy;
 pub mod systemd;
+pub mod upgrade;
 pub mod worker;

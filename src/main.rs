@@ -74,8 +74,14 @@ fn run(config_path: &Path) -> i32 {
             return fail(exit::IN_USE, held);
         }
     }
-    // A socket handed over by systemd socket activation replaces our own bind.
-    let std_listener = match gte_supervisor::systemd::activated_listener() {
+    // The installed binary's path, read now: after a package upgrade replaces the file,
+    // /proc/self/exe names a deleted inode, but this path names the new binary (SIGUSR2).
+    let exe = std::env::current_exe().ok();
+    // A socket inherited from the old master (upgrade) or handed over by systemd socket
+    // activation replaces our own bind.
+    let inherited = gte_supervisor::upgrade::inherited_listener()
+        .or_else(gte_supervisor::systemd::activated_listener);
+    let std_listener = match inherited {
         Some(l) => l,
         None => match bind_std(&cfg) {
             Ok(l) => l,
@@ -100,7 +106,10 @@ fn run(config_path: &Path) -> i32 {
             return fail(exit::RUNTIME, format!("cannot detach: {e}"));
         }
     }
-    let _pidfile = match &cfg.pidfile {
+    let listen_fd = std::os::fd::AsFd::as_fd(&std_listener)
+        .try_clone_to_owned()
+        .ok();
+    let pidfile = match &cfg.pidfile {
         Some(p) => match pidfile::Pidfile::acquire(p, std::process::id()) {
             Ok(pf) => Some(pf),
             Err(e @ pidfile::PidfileError::Held { .. }) => return fail(exit::IN_USE, e),
@@ -124,6 +133,7 @@ fn run(config_path: &Path) -> i32 {
         None => None,
     };
     let control_path = cfg.pidfile.as_deref().map(master::control::control_path);
+    let pidfile_path = cfg.pidfile.clone();
     let runtime_dir = match make_runtime_dir() {
         Ok(d) => d,
         Err(e) => {
@@ -185,6 +195,9 @@ fn run(config_path: &Path) -> i32 {
             listener,
             runtime_dir: runtime_dir2,
             logs,
+            pidfile,
+            listen_fd,
+            exe,
         });
         if let Err(e) = master::forward_signals(master.sender()) {
             return fail(
@@ -215,8 +228,11 @@ fn run(config_path: &Path) -> i32 {
     // Workers are gone; the runtime may still hold detached tasks: do not wait for them.
     rt.shutdown_timeout(std::time::Duration::from_millis(200));
     let _ = std::fs::remove_dir_all(&runtime_dir);
-    if let Some(c) = control_path {
-        let _ = std::fs::remove_file(c);
+    // After an upgrade the control socket's name belongs to the new master: leave it.
+    if let (Some(c), Some(p)) = (control_path, &pidfile_path) {
+        if pidfile::read_pid(p).is_none_or(|pid| pid == std::process::id()) {
+            let _ = std::fs::remove_file(c);
+        }
     }
     code
 }

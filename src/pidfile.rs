@@ -119,6 +119,13 @@ impl Pidfile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Moves the (still locked) pid file, e.g. to `<pidfile>.oldbin` during an upgrade.
+    pub fn rename_to(&mut self, to: &Path) -> io::Result<()> {
+        std::fs::rename(&self.path, to)?;
+        self.path = to.to_path_buf();
+        Ok(())
+    }
 }
 
 impl Drop for Pidfile {

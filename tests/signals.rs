@@ -47,8 +47,20 @@ fn load(
                             .unwrap()
                             .push(format!("status {}", r.status)),
                         Err(e) => {
-                            failures.lock().unwrap().push(format!("io: {e}"));
+                            // A keep-alive connection closed by the server just as the request
+                            // went out (graceful stop of idle connections): RFC 9112 §9.3.1
+                            // lets a client retry an idempotent request once, as nginx does.
                             conn = Http::connect(port);
+                            let req = conn.build("GET", "/pid", &[], b"");
+                            match conn.try_send(&req).and_then(|_| conn.read_response(false)) {
+                                Ok(r) if r.status == 200 => {
+                                    ok.fetch_add(1, Ordering::Relaxed);
+                                }
+                                other => failures
+                                    .lock()
+                                    .unwrap()
+                                    .push(format!("io: {e}; retry: {:?}", other.map(|r| r.status))),
+                            }
                         }
                     }
                 }
@@ -316,4 +328,138 @@ fn libc_dup(old: i32) -> i32 {
 fn libc_dup2(old: i32, new: i32) -> i32 {
     // SAFETY: plain syscall wrapper on fds owned by this (child) process.
     unsafe { libc_dup2_raw(old, new) }
+}
+
+const SIGUSR2: i32 = 12;
+
+#[test]
+fn usr2_upgrades_in_place_under_load_without_failures() {
+    let mut fx = start_standard("usr2", |c| c.set("workers", "count", "2"));
+    let old = fx.srv.pid;
+    let pidfile = fx.dir.join("master.pid");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failures, handles) = load(fx.port, 8, stop.clone());
+    wait_until("some load", Duration::from_secs(10), || {
+        (ok.load(Ordering::Relaxed) > 50).then_some(())
+    });
+    fx.srv.signal(SIGUSR2);
+    let new = wait_until(
+        "a new master pid in the pidfile",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+                .filter(|p| *p != old)
+        },
+    );
+    // Guard the new master (and its workers) for cleanup even if an assertion fails below.
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for k in proc_descendants(self.0) {
+                if let Some(p) = ProcId::of(k) {
+                    p.kill();
+                }
+            }
+            send_signal(self.0, SIGKILL);
+        }
+    }
+    let _guard = Kill(new);
+    let st = fx.srv.wait_exit(Duration::from_secs(40));
+    assert!(st.success(), "old master: {}", describe_status(&st));
+    let served_before_stop = ok.load(Ordering::Relaxed);
+    wait_until(
+        "the new master serves the load",
+        Duration::from_secs(10),
+        || (ok.load(Ordering::Relaxed) > served_before_stop + 50).then_some(()),
+    );
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failures: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(pid_alive(new));
+    assert_eq!(
+        Http::connect(fx.port).request("GET", "/", &[], b"").status,
+        200
+    );
+    send_signal(new, SIGTERM);
+    wait_until("the new master stops", Duration::from_secs(30), || {
+        (!pid_alive(new) || proc_state(new) == Some('Z')).then_some(())
+    });
+}
+
+/// Kills, on drop, the process named by a pidfile (read at drop time) and its descendants.
+struct KillTree(std::path::PathBuf);
+impl Drop for KillTree {
+    fn drop(&mut self) {
+        let pid = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok());
+        if let Some(pid) = pid {
+            for k in proc_descendants(pid) {
+                if let Some(p) = ProcId::of(k) {
+                    p.kill();
+                }
+            }
+            send_signal(pid, SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn daemon_detaches_writes_its_pid_and_stops_by_pidfile() {
+    let dir = TestDir::new("daemon");
+    let port = free_port();
+    let cfg = Conf::standard(&dir, port)
+        .set("", "daemon", "true")
+        .write(&dir);
+    let cfg_s = cfg.to_str().unwrap().to_owned();
+    let _guard = KillTree(dir.join("master.pid"));
+    let out = run_bin(&dir, &["-c", &cfg_s], Duration::from_secs(60));
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    let pid: u32 = std::fs::read_to_string(dir.join("master.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(pid_alive(pid));
+    // Detached: a new session, not a child of the process that started it.
+    assert_ne!(proc_ppid(pid), Some(std::process::id()));
+    assert_eq!(
+        Http::connect(port).request("GET", "/", &[], b"").status,
+        200
+    );
+    let out = run_bin(&dir, &["stop", "-c", &cfg_s], Duration::from_secs(60));
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    wait_until("the daemon exits", Duration::from_secs(20), || {
+        (!pid_alive(pid) || proc_state(pid) == Some('Z')).then_some(())
+    });
+}
+
+#[test]
+fn daemon_reports_a_startup_failure_before_detaching() {
+    let dir = TestDir::new("daemon_fail");
+    let port = free_port();
+    let app = dir.install_app(&["importerror.py"]);
+    let cfg = Conf::standard(&dir, port)
+        .set("", "daemon", "true")
+        .set("app", "wsgi", &q("importerror:app"))
+        .set("app", "chdir", &q(app.to_str().unwrap()))
+        .write(&dir);
+    let _guard = KillTree(dir.join("master.pid"));
+    let out = run_bin(
+        &dir,
+        &["-c", cfg.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code(), Some(3), "{}", out.dump());
+    assert!(out.all().contains("failed"), "{}", out.dump());
 }

@@ -11,7 +11,7 @@ pub mod control;
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -122,6 +122,13 @@ pub struct Master {
     watchdog: Option<(Duration, Instant)>,
     /// Hands a new public listener to the server task (bind changed on reload).
     listener_tx: UnboundedSender<tokio::net::TcpListener>,
+    pidfile: Option<crate::pidfile::Pidfile>,
+    listen_fd: Option<std::os::fd::OwnedFd>,
+    exe: Option<PathBuf>,
+    /// The new master's pid while an upgrade is under way.
+    upgrading: Option<u32>,
+    /// Where the pidfile lives when it is not moved aside for an upgrade.
+    pidfile_home: Option<PathBuf>,
 }
 
 /// The pieces `main` hands over.
@@ -132,6 +139,11 @@ pub struct MasterParts {
     pub listener: tokio::net::TcpListener,
     pub runtime_dir: PathBuf,
     pub logs: Logs,
+    pub pidfile: Option<crate::pidfile::Pidfile>,
+    /// A duplicate of the listening socket, handed to a new master on SIGUSR2.
+    pub listen_fd: Option<std::os::fd::OwnedFd>,
+    /// The binary to start on SIGUSR2 (the installed path, read at start-up).
+    pub exe: Option<PathBuf>,
 }
 
 fn describe_status(st: &ExitStatus) -> String {
@@ -189,6 +201,11 @@ impl Master {
             started: Instant::now(),
             watchdog: systemd::watchdog_interval().map(|d| (d, Instant::now())),
             listener_tx,
+            pidfile: parts.pidfile,
+            listen_fd: parts.listen_fd,
+            exe: parts.exe,
+            upgrading: None,
+            pidfile_home: None,
         }
     }
 
@@ -327,6 +344,22 @@ impl Master {
                 }
             }
             Event::HealthResult { id, ok, detail } => self.on_health(id, ok, detail),
+            Event::UpgradeReady { pid } => {
+                tracing::info!(
+                    new_master = pid,
+                    "SIGUSR2: the new master serves; this master drains and exits"
+                );
+                systemd::notify(&format!(
+                    "MAINPID={pid}\nREADY=1\nSTATUS=upgraded: new master {pid}"
+                ));
+                self.upgrading = None;
+                self.begin_stop(true);
+            }
+            Event::UpgradeFailed { pid, why } => {
+                tracing::error!(new_master = pid, error = %why, "SIGUSR2: upgrade failed; this master keeps serving");
+                self.upgrading = None;
+                self.restore_pidfile();
+            }
             Event::Control { command, reply } => {
                 let answer = self.control(command.trim());
                 let _ = reply.send(answer);
@@ -367,6 +400,7 @@ impl Master {
                 self.logs.reopen();
                 tracing::info!("SIGUSR1: log files reopened");
             }
+            SignalKind::Upgrade => self.upgrade(),
             SignalKind::Winch => {
                 if self.cfg.daemon {
                     self.desired = 0;
@@ -403,6 +437,8 @@ impl Master {
                     let msg = format!("serving on {} with {} workers", self.cfg.bind, self.desired);
                     tracing::info!(bind = %self.cfg.bind, workers = self.desired, "ready");
                     systemd::ready(&msg);
+                    crate::upgrade::report_ready();
+                    crate::daemon::report_ready();
                 }
                 if self.reloading && self.ready_fresh() >= self.desired {
                     self.reloading = false;
@@ -631,6 +667,47 @@ impl Master {
                 }
             } else {
                 w.memory_over = 0;
+            }
+        }
+    }
+
+    /// SIGUSR2: start the installed binary as a new master on the same listening socket.
+    fn upgrade(&mut self) {
+        if self.phase != Phase::Running || self.upgrading.is_some() {
+            tracing::warn!("SIGUSR2 ignored: an upgrade or a stop is already under way");
+            return;
+        }
+        let (Some(exe), Some(fd)) = (self.exe.clone(), self.listen_fd.as_ref()) else {
+            tracing::error!("SIGUSR2: cannot upgrade: the binary path or the listener is unknown");
+            return;
+        };
+        if let Some(p) = self.pidfile.as_mut() {
+            let old = p.path().to_path_buf();
+            let mut oldbin = old.clone().into_os_string();
+            oldbin.push(".oldbin");
+            if let Err(e) = p.rename_to(Path::new(&oldbin)) {
+                tracing::error!(error = %e, "SIGUSR2: cannot move the pidfile aside; not upgrading");
+                return;
+            }
+            self.pidfile_home = Some(old);
+        }
+        match crate::upgrade::start_new_master(&exe, &self.config_path, fd, self.events_tx.clone())
+        {
+            Ok(pid) => {
+                tracing::info!(new_master = pid, exe = %exe.display(), "SIGUSR2: started the new master; waiting for it to be ready");
+                self.upgrading = Some(pid);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, exe = %exe.display(), "SIGUSR2: cannot start the new master");
+                self.restore_pidfile();
+            }
+        }
+    }
+
+    fn restore_pidfile(&mut self) {
+        if let (Some(p), Some(home)) = (self.pidfile.as_mut(), self.pidfile_home.take()) {
+            if let Err(e) = p.rename_to(&home) {
+                tracing::error!(error = %e, "cannot move the pidfile back");
             }
         }
     }
@@ -1096,6 +1173,7 @@ pub fn forward_signals(tx: UnboundedSender<Event>) -> std::io::Result<()> {
         (K::from_raw(libc::SIGTTOU), SignalKind::Decrement),
         (K::user_defined1(), SignalKind::ReopenLogs),
         (K::window_change(), SignalKind::Winch),
+        (K::user_defined2(), SignalKind::Upgrade),
     ];
     for (kind, ev) in table {
         let mut s = signal(kind)?;
