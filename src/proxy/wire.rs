@@ -5,9 +5,7 @@
 //! as one buffer and the slot goes back at once; otherwise the body streams frame by frame.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::io::{self, IoSlice};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -15,7 +13,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{Response, StatusCode};
 use http_body::Frame as BodyFrame;
 use tokio::net::UnixStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::body::{BoxError, ProxyBody};
 use super::pool::SlotHold;
@@ -262,17 +260,28 @@ pub async fn forward(
             Err(e) => return fail(shared, slot, &e.0, record),
         }
     }
+    // Stream the rest through a bounded queue filled by a pump task: the worker is read as fast
+    // as it writes (up to the queue's bound) and its slot returns at the end frame, however slowly
+    // the client reads.
     slot.conn = None;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let budget = Arc::new(tokio::sync::Semaphore::new(STREAM_BUFFER_BYTES));
+    let pid = slot.worker.pid;
+    tokio::spawn(pump(
+        shared.clone(),
+        slot,
+        conn,
+        chunks,
+        timeout,
+        Queue { tx, budget },
+    ));
     *resp.body_mut() = ProxyBody::Wire(Box::new(WireBody {
         shared: shared.clone(),
-        slot: Some(slot),
-        conn: Some(conn),
-        pending: chunks,
-        deadline: Box::pin(tokio::time::sleep(timeout)),
-        timeout,
+        rx: Some(rx),
         record,
         status: status.as_u16(),
         sent: 0,
+        pid: Some(pid),
         done: false,
         abort: false,
     }));
@@ -349,18 +358,126 @@ fn resp_len(r: &Response<ProxyBody>) -> u64 {
     }
 }
 
-/// A response body still arriving from a bundled worker.
+/// Bytes of a streamed response that may wait between the worker and a slow client. Past this the
+/// pump stops reading and the worker waits (bounded memory per response).
+const STREAM_BUFFER_BYTES: usize = 4 << 20;
+
+type Chunk = Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), String>;
+
+/// The pump's end of a streamed response's queue: unbounded channel, bounded by a byte budget.
+struct Queue {
+    tx: tokio::sync::mpsc::UnboundedSender<Chunk>,
+    budget: Arc<tokio::sync::Semaphore>,
+}
+
+impl Queue {
+    /// Queues a chunk, waiting while the budget is spent; false once the client is gone.
+    async fn send(&self, b: Bytes) -> bool {
+        let n = (b.len().min(STREAM_BUFFER_BYTES)) as u32;
+        let Ok(permit) = self.budget.clone().acquire_many_owned(n).await else {
+            return false;
+        };
+        self.tx.send(Ok((b, Some(permit)))).is_ok()
+    }
+    fn fail(&self, why: &str) {
+        let _ = self.tx.send(Err(why.to_string()));
+    }
+}
+
+/// Moves a streamed response from the worker into the client's queue; returns the slot at the end.
+async fn pump(
+    shared: Arc<Shared>,
+    slot: Slot,
+    mut conn: WireConn,
+    pending: VecDeque<Bytes>,
+    timeout: std::time::Duration,
+    tx: Queue,
+) {
+    let mut client_gone = false;
+    for b in pending {
+        if !client_gone && !tx.send(b).await {
+            client_gone = true;
+        }
+    }
+    loop {
+        match tokio::time::timeout(timeout, conn.next_frame()).await {
+            Ok(Ok(Frame::Body(b))) => {
+                if !client_gone && !tx.send(b).await {
+                    client_gone = true;
+                }
+            }
+            Ok(Ok(Frame::End)) => {
+                if !conn.out.is_empty() {
+                    // The app answered without reading all of the request body: finish writing
+                    // it (the worker discards it) before the connection is reused.
+                    let r = tokio::time::timeout(
+                        timeout,
+                        std::future::poll_fn(|cx| conn.poll_flush_out(cx)),
+                    )
+                    .await;
+                    if !matches!(r, Ok(Ok(()))) {
+                        slot.worker.report(Event::WorkerMisbehaved {
+                            id: slot.worker.id,
+                            what: "request body write failed".into(),
+                        });
+                        return;
+                    }
+                }
+                finish(&shared, slot, conn);
+                return;
+            }
+            Ok(Ok(Frame::Abort(why))) => {
+                tracing::warn!(worker = slot.worker.id, pid = slot.worker.pid, reason = %String::from_utf8_lossy(&why), "app failed while streaming; client connection aborted");
+                finish(&shared, slot, conn);
+                tx.fail("the application failed while streaming the response");
+                return;
+            }
+            Ok(Ok(other)) => {
+                broken(&slot, &format!("unexpected frame {other:?}"));
+                tx.fail("worker failed");
+                return;
+            }
+            Ok(Err(e)) => {
+                broken(&slot, &e.to_string());
+                tx.fail("worker failed");
+                return;
+            }
+            Err(_) => {
+                tracing::error!(
+                    worker = slot.worker.id,
+                    pid = slot.worker.pid,
+                    "response stalled past the timeout: aborting the worker"
+                );
+                slot.worker
+                    .report(Event::RequestTimedOut { id: slot.worker.id });
+                tx.fail("worker timed out mid-response");
+                return;
+            }
+        }
+    }
+}
+
+fn broken(slot: &Slot, what: &str) {
+    tracing::error!(
+        worker = slot.worker.id,
+        pid = slot.worker.pid,
+        error = what,
+        "worker failed while streaming a response"
+    );
+    slot.worker.report(Event::WorkerMisbehaved {
+        id: slot.worker.id,
+        what: what.to_string(),
+    });
+}
+
+/// A streamed response body, fed by [`pump`].
 pub struct WireBody {
     shared: Arc<Shared>,
-    slot: Option<Slot>,
-    conn: Option<WireConn>,
-    pending: VecDeque<Bytes>,
-    /// Longest silence allowed between body frames.
-    deadline: Pin<Box<Sleep>>,
-    timeout: std::time::Duration,
+    rx: Option<tokio::sync::mpsc::UnboundedReceiver<Chunk>>,
     record: Option<AccessRecord>,
     status: u16,
     sent: u64,
+    pid: Option<u32>,
     done: bool,
     /// End the client's body with an error (the connection is cut).
     abort: bool,
@@ -370,14 +487,11 @@ impl WireBody {
     fn aborted(shared: Arc<Shared>) -> Self {
         WireBody {
             shared,
-            slot: None,
-            conn: None,
-            pending: VecDeque::new(),
-            deadline: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
-            timeout: std::time::Duration::ZERO,
+            rx: None,
             record: None,
             status: 0,
             sent: 0,
+            pid: None,
             done: false,
             abort: true,
         }
@@ -389,8 +503,7 @@ impl WireBody {
 
     fn log(&mut self) {
         if let Some(r) = self.record.take() {
-            let pid = self.slot.as_ref().map(|s| s.worker.pid);
-            self.shared.access.log(&r, self.status, self.sent, pid);
+            self.shared.access.log(&r, self.status, self.sent, self.pid);
         }
     }
 
@@ -405,111 +518,37 @@ impl WireBody {
                 "the application failed while streaming the response".into(),
             )));
         }
-        if let Some(b) = self.pending.pop_front() {
-            self.sent += b.len() as u64;
-            return Poll::Ready(Some(Ok(BodyFrame::data(b))));
-        }
         if self.done {
             return Poll::Ready(None);
         }
-        let Some(conn) = self.conn.as_mut() else {
+        let Some(rx) = self.rx.as_mut() else {
             self.done = true;
             return Poll::Ready(None);
         };
-        let res = match conn.poll_frame(cx) {
-            Poll::Ready(r) => r,
-            Poll::Pending => {
-                if self.deadline.as_mut().poll(cx).is_ready() {
-                    let slot = self.slot.take().expect("slot held while streaming");
-                    tracing::error!(
-                        worker = slot.worker.id,
-                        pid = slot.worker.pid,
-                        "response stalled past the timeout: aborting the worker"
-                    );
-                    slot.worker
-                        .report(Event::RequestTimedOut { id: slot.worker.id });
-                    self.log_with(Some(slot.worker.pid));
-                    self.conn = None;
-                    self.done = true;
-                    return Poll::Ready(Some(Err("worker timed out mid-response".into())));
-                }
-                return Poll::Pending;
-            }
-        };
-        match res {
-            Ok(Frame::Body(b)) => {
-                let next = Instant::now() + self.timeout;
-                self.deadline.as_mut().reset(next);
+        match ready!(rx.poll_recv(cx)) {
+            Some(Ok((b, _permit))) => {
+                // Dropping the permit returns its bytes to the pump's budget.
                 self.sent += b.len() as u64;
                 Poll::Ready(Some(Ok(BodyFrame::data(b))))
             }
-            Ok(Frame::End) => {
+            Some(Err(e)) => {
                 self.done = true;
                 self.log();
-                if let (Some(slot), Some(conn)) = (self.slot.take(), self.conn.take()) {
-                    if conn.out.is_empty() {
-                        finish(&self.shared, slot, conn);
-                    } else {
-                        // Request bytes still unwritten: hand the rest to a drain task.
-                        tokio::spawn(drain(self.shared.clone(), slot, conn, self.timeout, true));
-                    }
-                }
+                Poll::Ready(Some(Err(e.into())))
+            }
+            None => {
+                self.done = true;
+                self.log();
                 Poll::Ready(None)
             }
-            Ok(Frame::Abort(why)) => {
-                self.done = true;
-                self.log();
-                tracing::warn!(reason = %String::from_utf8_lossy(&why), "app failed while streaming; client connection aborted");
-                if let (Some(slot), Some(conn)) = (self.slot.take(), self.conn.take()) {
-                    finish(&self.shared, slot, conn);
-                }
-                Poll::Ready(Some(Err(
-                    "the application failed while streaming the response".into(),
-                )))
-            }
-            Ok(other) => self.broken(&format!("unexpected frame {other:?}")),
-            Err(e) => self.broken(&e.to_string()),
-        }
-    }
-
-    fn broken(&mut self, what: &str) -> Poll<Option<Result<BodyFrame<Bytes>, BoxError>>> {
-        self.done = true;
-        self.conn = None;
-        if let Some(slot) = self.slot.take() {
-            tracing::error!(
-                worker = slot.worker.id,
-                pid = slot.worker.pid,
-                error = what,
-                "worker failed while streaming a response"
-            );
-            slot.worker.report(Event::WorkerMisbehaved {
-                id: slot.worker.id,
-                what: what.to_string(),
-            });
-            self.log_with(Some(slot.worker.pid));
-        }
-        Poll::Ready(Some(Err(format!("worker failed: {what}").into())))
-    }
-
-    fn log_with(&mut self, pid: Option<u32>) {
-        if let Some(r) = self.record.take() {
-            self.shared.access.log(&r, self.status, self.sent, pid);
         }
     }
 }
 
 impl Drop for WireBody {
     fn drop(&mut self) {
-        // The client went away mid-response: the worker is still busy with it. Read the rest off
-        // the connection so the slot returns only when the worker is really idle.
-        if let (Some(slot), Some(conn)) = (self.slot.take(), self.conn.take()) {
-            self.log_with(Some(slot.worker.pid));
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(drain(self.shared.clone(), slot, conn, self.timeout, false));
-            }
-        } else {
-            self.log();
-        }
+        // The client may have gone away mid-response; the pump drains the worker on its own.
+        self.log();
     }
 }
 

@@ -1,0 +1,57 @@
+//! Slow clients never hold a Python worker (issue 3): the master reads request bodies completely
+//! before dispatch and takes responses off the worker into a bounded buffer while they trickle out.
+//! Two sync workers keep serving fast clients while 100 slow clients upload and download.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+#[test]
+fn slow_uploads_and_downloads_do_not_hold_sync_workers() {
+    let fx = start_standard("slow_clients", |c| {
+        c.set("workers", "count", "2")
+            .set("workers", "timeout", "60")
+            .set("workers", "keepalive", "60")
+    });
+    let mut slow = Vec::new();
+    // 50 uploads that announce 100 kB and send a few bytes.
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(("127.0.0.1", fx.port)).unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nab")
+            .unwrap();
+        slow.push(s);
+    }
+    // 50 downloads of 1 MiB (one piece and streamed) that never read.
+    for i in 0..50 {
+        let mut s = TcpStream::connect(("127.0.0.1", fx.port)).unwrap();
+        let path = if i % 2 == 0 { "/big" } else { "/big?stream=1" };
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        slow.push(s);
+    }
+    // Fast clients still get through the two workers, every one of them promptly (a worker held
+    // by a slow client would stall them until the 60 s timeout).
+    let t0 = Instant::now();
+    let mut conn = Http::connect(fx.port);
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        let r = conn.request("GET", "/pid", &[], b"");
+        assert_eq!(r.status, 200, "{}", fx.srv.diagnostics());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "a fast request waited {:?}",
+            started.elapsed()
+        );
+        pids.insert(r.text());
+    }
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    wait_until("200 access-log lines", Duration::from_secs(10), || {
+        (fx.srv.access_log().matches("GET /pid").count() >= 200).then_some(())
+    });
+    assert!(pids.len() <= 2);
+    drop(slow);
+}
