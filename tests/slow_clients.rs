@@ -55,3 +55,31 @@ fn slow_uploads_and_downloads_do_not_hold_sync_workers() {
     assert!(pids.len() <= 2);
     drop(slow);
 }
+
+fn start_life(name: &str, tweak: impl FnOnce(Conf) -> Conf) -> Fx {
+    let dir = TestDir::new(name);
+    let port = free_port();
+    let app = dir.install_app(&["lifeapp.py"]);
+    let conf = tweak(
+        Conf::standard(&dir, port)
+            .set("app", "wsgi", &q("lifeapp:app"))
+            .set("app", "chdir", &q(app.to_str().unwrap())),
+    );
+    let srv = Server::start(&dir, &conf);
+    Fx { srv, dir, port }
+}
+
+#[test]
+fn thread_pool_variables_are_set_per_worker_unless_the_operator_set_them() {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let fx = start_life("thread_vars", |c| {
+        c.set("workers", "count", "5")
+            .set("app", "env", "{ MKL_NUM_THREADS = \"7\" }")
+    });
+    let expect = (cpus / 5).max(1).to_string();
+    for var in ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCH_NUM_THREADS"] {
+        let r = fx.srv.get(&format!("/envvar?name={var}"));
+        assert_eq!(r.text(), expect, "{var}");
+    }
+    assert_eq!(fx.srv.get("/envvar?name=MKL_NUM_THREADS").text(), "7");
+}

@@ -44,6 +44,8 @@ def app(environ, start_response):
         for i in range(0, len(HELD[-1]), 4096):
             HELD[-1][i] = 1
         return respond(start_response, pid)
+    if path == "/envvar":
+        return respond(start_response, os.environ.get(q.get("name", ""), "<unset>"))
     if path == "/exit":
         os._exit(7)
     return respond(start_response, "not found", "404 Not Found")
