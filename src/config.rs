@@ -694,7 +694,7 @@ impl RawConfig {
             }
             path_timeouts.push((prefix, d.0));
         }
-        path_timeouts.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        path_timeouts.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
 
         let h = self.health;
         if let Some(p) = &h.path {

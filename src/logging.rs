@@ -2,19 +2,21 @@
 //! line per request, in the `[log] access_format`), plus the per-request hook that feeds the
 //! metrics.
 //!
-//! Both logs write through `tracing_appender::non_blocking`: the request path only renders a
-//! line and hands it to a bounded in-memory queue (64 Ki lines per log); a writer thread does
-//! the I/O. When the queue is full (the disk cannot keep up) new lines are dropped — counted in
-//! the `gte_log_dropped_lines_total` metric — rather than stalling requests. Files are
+//! Writing a log never blocks a request. The access log's line is rendered on the request path
+//! and appended to a bounded buffer (16 MiB) that a writer thread flushes in batches
+//! ([`writer`]); the error log goes through `tracing_appender::non_blocking` (a bounded queue of
+//! 64 Ki lines). When either is full (the disk cannot keep up) new lines are dropped — counted in
+//! the `gte_log_dropped_lines_total` metric — rather than stalling anything. Files are
 //! [`rotate::LogFile`]s: they reopen their path on SIGUSR1 ([`Logs::reopen`]), rotate themselves
 //! when `[log] rotate` says so, and report write errors (full disk, file removed) on stderr
 //! instead of failing.
 
 pub mod format;
 pub mod rotate;
+pub mod writer;
 
 use std::cell::RefCell;
-use std::io::{self, Write};
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -22,22 +24,24 @@ use std::time::{Instant, SystemTime};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Uri, Version};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::{LogConfig, LogTarget};
 use crate::metrics::Metrics;
 use format::{AccessFormat, Facts};
 use rotate::{open_append, LogFile, Rotate};
+use writer::{LineWriter, WriterGuard};
 
-/// Lines one log may have queued for its writer thread before new ones are dropped.
+/// Lines the error log may have queued for its writer thread before new ones are dropped.
 pub const QUEUE_LINES: usize = 64 * 1024;
 
 /// Handles that must live as long as the logs are used (they flush on drop).
 pub struct Logs {
     _guards: Vec<WorkerGuard>,
+    _access_guard: Option<WriterGuard>,
     pub access: AccessLog,
     reopen: Vec<Arc<AtomicBool>>,
     dropped: Vec<ErrorCounter>,
+    access_writer: Option<LineWriter>,
 }
 
 impl Logs {
@@ -51,7 +55,14 @@ impl Logs {
     /// A reader of the lines dropped so far by all logs (their queues were full).
     pub fn dropped_lines(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
         let counters = self.dropped.clone();
-        move || counters.iter().map(|c| c.dropped_lines() as u64).sum()
+        let access = self.access_writer.clone();
+        move || {
+            counters
+                .iter()
+                .map(|c| c.dropped_lines() as u64)
+                .sum::<u64>()
+                + access.as_ref().map_or(0, |w| w.dropped())
+        }
     }
 }
 
@@ -63,7 +74,8 @@ pub fn check_writable(target: &LogTarget, what: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn writer_for(
+/// The error log's writer (tracing-appender's non-blocking channel: low volume).
+fn error_writer_for(
     target: &LogTarget,
     rotate: Rotate,
     keep: usize,
@@ -89,19 +101,45 @@ fn writer_for(
     Some(nb)
 }
 
+/// The access log's writer (batching: see [`writer`]).
+fn access_writer_for(
+    target: &LogTarget,
+    rotate: Rotate,
+    keep: usize,
+    logs: &mut Logs,
+) -> Result<Option<LineWriter>, String> {
+    let name = "gte-access-log";
+    let spawned = match target {
+        LogTarget::Off => return Ok(None),
+        LogTarget::Stdout => LineWriter::spawn(io::stdout(), name),
+        LogTarget::Stderr => LineWriter::spawn(io::stderr(), name),
+        LogTarget::File(p) => {
+            let flag = Arc::new(AtomicBool::new(false));
+            logs.reopen.push(flag.clone());
+            LineWriter::spawn(LogFile::new(p.clone(), rotate, keep, flag), name)
+        }
+    };
+    let (w, guard) = spawned.map_err(|e| format!("cannot start the access log writer: {e}"))?;
+    logs._access_guard = Some(guard);
+    logs.access_writer = Some(w.clone());
+    Ok(Some(w))
+}
+
 /// Sets up both logs. Fails (with the path) when a log file cannot be opened.
 pub fn init(cfg: &LogConfig) -> Result<Logs, String> {
     check_writable(&cfg.error, "error")?;
     check_writable(&cfg.access, "access")?;
     let mut logs = Logs {
         _guards: Vec::new(),
+        _access_guard: None,
         access: AccessLog::disabled(),
         reopen: Vec::new(),
         dropped: Vec::new(),
+        access_writer: None,
     };
-    let error = writer_for(&cfg.error, cfg.rotate, cfg.keep, &mut logs)
+    let error = error_writer_for(&cfg.error, cfg.rotate, cfg.keep, &mut logs)
         .expect("the error log is never off");
-    let access = writer_for(&cfg.access, cfg.rotate, cfg.keep, &mut logs);
+    let access = access_writer_for(&cfg.access, cfg.rotate, cfg.keep, &mut logs)?;
     let subscriber = tracing_subscriber::fmt()
         .with_writer(error)
         .with_ansi(false)
@@ -119,7 +157,7 @@ pub fn init(cfg: &LogConfig) -> Result<Logs, String> {
 // ---------------------------------------------------------------------------------------------
 
 struct AccessInner {
-    writer: Option<NonBlocking>,
+    writer: Option<LineWriter>,
     format: AccessFormat,
     metrics: Option<Arc<Metrics>>,
 }
@@ -199,7 +237,7 @@ thread_local! {
 impl AccessLog {
     /// An access log writing to `writer` (None: no access log) and counting into `metrics`.
     pub fn new(
-        writer: Option<NonBlocking>,
+        writer: Option<LineWriter>,
         format: AccessFormat,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
@@ -325,7 +363,7 @@ impl AccessLog {
             let mut buf = buf.borrow_mut();
             buf.clear();
             inner.format.render(&mut buf, &facts);
-            let _ = w.make_writer().write_all(buf.as_bytes());
+            w.write_line(buf.as_bytes());
             if buf.capacity() > 64 * 1024 {
                 *buf = String::with_capacity(512);
             }
@@ -340,8 +378,8 @@ mod tests {
     #[test]
     fn record_captures_only_what_the_format_uses() {
         let fmt = AccessFormat::parse("%(h)s %({x-req}i)s %({x-out}o)s").unwrap();
-        let (nb, _guard) = NonBlockingBuilder::default().finish(io::sink());
-        let log = AccessLog::new(Some(nb), fmt, None);
+        let (w, _guard) = LineWriter::spawn(io::sink(), "t").unwrap();
+        let log = AccessLog::new(Some(w), fmt, None);
         let req = Request::builder()
             .uri("/p")
             .header("x-req", "r1")
@@ -396,12 +434,9 @@ mod tests {
         };
         let metrics = Some(Arc::new(Metrics::new(1)));
         let writer = || {
-            let (nb, guard) = NonBlockingBuilder::default()
-                .lossy(true)
-                .buffered_lines_limit(QUEUE_LINES)
-                .finish(io::sink());
+            let (w, guard) = LineWriter::spawn(io::sink(), "bench").unwrap();
             std::mem::forget(guard);
-            Some(nb)
+            Some(w)
         };
         run("off (no record)", &AccessLog::disabled());
         {
@@ -438,7 +473,7 @@ mod tests {
             let w = writer().unwrap();
             let t = Instant::now();
             for _ in 0..n {
-                let _ = w.make_writer().write_all(buf.as_bytes());
+                w.write_line(buf.as_bytes());
             }
             let ns = t.elapsed().as_nanos() as f64 / n as f64;
             println!("{:<32} {ns:>7.0} ns/request", "  hand-off only");

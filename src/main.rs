@@ -13,6 +13,14 @@ use gte_supervisor::{check, config, daemon, logging, migrate, pidfile, proxy, wo
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.is_some() {
+        // Short-lived commands that print: end quietly when their output is cut off
+        // (`check | head`). The master keeps SIGPIPE ignored: its sockets report EPIPE instead.
+        // SAFETY: resetting a signal disposition before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let code = match cli.command {
         None => run(&cli.config),
         Some(Command::Check) => check::run(&cli.config),
@@ -272,6 +280,17 @@ fn master_pid(config_path: &Path) -> Result<(PathBuf, u32), (i32, String)> {
             ),
         ));
     };
+    if let Err(e) = std::fs::File::open(&p) {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            return Err((
+                exit::RUNTIME,
+                format!(
+                    "cannot read pidfile {}: {e} (run as the service user or root)",
+                    p.display()
+                ),
+            ));
+        }
+    }
     match pidfile::read_pid(&p) {
         Some(pid) if pidfile::is_locked(&p) => Ok((p, pid)),
         Some(pid) => Err((

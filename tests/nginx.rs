@@ -739,14 +739,23 @@ fn nginx_proxies_to_the_app_and_forwards_the_client_address() {
     assert_eq!(r.status, 403, "{r:?}");
 
     master.assert_running("serving");
-    // The master's access log records the client nginx reported, not nginx.
-    let access = fs::read_to_string(dir.path("access.log")).unwrap_or_default();
-    assert!(
-        access
+    // The master's access log records the client nginx reported, not nginx. Log lines are
+    // written by a background thread: wait for them (bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let access = fs::read_to_string(dir.path("access.log")).unwrap_or_default();
+        if access
             .lines()
-            .any(|l| l.contains(CLIENT_IP) && l.contains("/who")),
-        "no access-log line for {CLIENT_IP}:\n{access}"
-    );
+            .any(|l| l.contains(CLIENT_IP) && l.contains("/who"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access-log line for {CLIENT_IP} within 10 s:\n{access}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(nginx);
 }
 

@@ -15,16 +15,15 @@ const SIGUSR1: i32 = 10;
 const SIGTTIN: i32 = 21;
 const SIGTTOU: i32 = 22;
 
-/// Keeps `threads` keep-alive clients busy until stopped; returns (ok, failures).
-fn load(
-    port: u16,
-    threads: usize,
-    stop: Arc<AtomicBool>,
-) -> (
+/// Counters of a load run: requests answered 200, failures, client threads.
+type Load = (
     Arc<AtomicU64>,
     Arc<Mutex<Vec<String>>>,
     Vec<std::thread::JoinHandle<()>>,
-) {
+);
+
+/// Keeps `threads` keep-alive clients busy until stopped; returns (ok, failures).
+fn load(port: u16, threads: usize, stop: Arc<AtomicBool>) -> Load {
     let ok = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(Mutex::new(Vec::new()));
     let deadline = Instant::now() + Duration::from_secs(60);

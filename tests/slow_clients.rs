@@ -71,13 +71,19 @@ fn start_life(name: &str, tweak: impl FnOnce(Conf) -> Conf) -> Fx {
 
 #[test]
 fn thread_pool_variables_are_set_per_worker_unless_the_operator_set_them() {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let fx = start_life("thread_vars", |c| {
         c.set("workers", "count", "5")
             .set("app", "env", "{ MKL_NUM_THREADS = \"7\" }")
     });
     let expect = (cpus / 5).max(1).to_string();
-    for var in ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCH_NUM_THREADS"] {
+    for var in [
+        "OMP_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "TORCH_NUM_THREADS",
+    ] {
         let r = fx.srv.get(&format!("/envvar?name={var}"));
         assert_eq!(r.text(), expect, "{var}");
     }

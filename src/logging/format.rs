@@ -324,23 +324,13 @@ fn render_segment(out: &mut String, s: &Segment, f: &Facts<'_>) {
             out.push(' ');
             out.push_str(version_str(f.version));
         }
-        Segment::Status => {
-            let _ = write!(out, "{}", f.status);
-        }
-        Segment::Bytes => {
-            let _ = write!(out, "{}", f.bytes);
-        }
+        Segment::Status => push_num(out, f.status),
+        Segment::Bytes => push_num(out, f.bytes),
         Segment::Referer => header(out, f.referer),
         Segment::UserAgent => header(out, f.user_agent),
-        Segment::Seconds => {
-            let _ = write!(out, "{}", f.elapsed.as_secs());
-        }
-        Segment::Millis => {
-            let _ = write!(out, "{}", f.elapsed.as_millis());
-        }
-        Segment::Micros => {
-            let _ = write!(out, "{}", f.elapsed.as_micros());
-        }
+        Segment::Seconds => push_num(out, f.elapsed.as_secs()),
+        Segment::Millis => push_num(out, f.elapsed.as_millis() as u64),
+        Segment::Micros => push_num(out, f.elapsed.as_micros() as u64),
         Segment::SecondsDecimal => {
             let _ = write!(
                 out,
@@ -356,9 +346,7 @@ fn render_segment(out: &mut String, s: &Segment, f: &Facts<'_>) {
             None => out.push_str("<->"),
         },
         Segment::Pid => match f.worker_pid {
-            Some(p) => {
-                let _ = write!(out, "{p}");
-            }
+            Some(p) => push_num(out, p),
             None => out.push('-'),
         },
         Segment::Method => out.push_str(f.method.as_str()),
@@ -421,16 +409,33 @@ fn render_json(out: &mut String, f: &Facts<'_>) {
 
 /// Escapes quotes, backslashes and non-printable bytes so a line cannot be forged.
 pub fn escape_into(out: &mut String, b: &[u8]) {
-    for &c in b {
+    let mut run = 0;
+    for (i, &c) in b.iter().enumerate() {
+        if (0x20..=0x7e).contains(&c) && c != b'"' && c != b'\\' {
+            continue;
+        }
+        push_ascii(out, &b[run..i]);
         match c {
             b'"' => out.push_str("\\\""),
             b'\\' => out.push_str("\\\\"),
-            0x20..=0x7e => out.push(c as char),
             _ => {
                 let _ = write!(out, "\\x{c:02x}");
             }
         }
+        run = i + 1;
     }
+    push_ascii(out, &b[run..]);
+}
+
+/// Appends printable ASCII (checked by the caller; anything else would be skipped).
+fn push_ascii(out: &mut String, b: &[u8]) {
+    if let Ok(s) = std::str::from_utf8(b) {
+        out.push_str(s);
+    }
+}
+
+fn push_num(out: &mut String, n: impl itoa::Integer) {
+    out.push_str(itoa::Buffer::new().format(n));
 }
 
 fn percent_decode(b: &[u8]) -> Cow<'_, [u8]> {

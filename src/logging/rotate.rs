@@ -247,23 +247,16 @@ impl LogFile {
 impl Write for LogFile {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let now = (self.clock)();
-        if self.reopen.swap(false, Ordering::AcqRel) {
-            self.flush_buf();
-            self.file = None;
-        }
-        if self.file.is_none() && !self.open(now) {
-            return Ok(data.len());
-        }
-        if self.rotation_due(now, data.len()) {
-            self.rotate_now(now);
-            if self.file.is_none() {
-                return Ok(data.len());
+        if let Rotate::Size(_) = self.rotate {
+            // A write may carry many lines (the access log writes in batches): a file is cut
+            // between lines, never inside one.
+            for line in data.split_inclusive(|&c| c == b'\n') {
+                if !self.write_chunk(line, now) {
+                    break; // the file cannot be opened: drop the batch, try again next time
+                }
             }
-        }
-        self.buf.extend_from_slice(data);
-        self.size += data.len() as u64;
-        if self.buf.len() >= BUFFER {
-            self.flush_buf();
+        } else {
+            self.write_chunk(data, now);
         }
         Ok(data.len())
     }
@@ -271,6 +264,31 @@ impl Write for LogFile {
     fn flush(&mut self) -> io::Result<()> {
         self.flush_buf();
         Ok(())
+    }
+}
+
+impl LogFile {
+    /// Appends `data` (rotating first if due); false when no file could be opened.
+    fn write_chunk(&mut self, data: &[u8], now: i64) -> bool {
+        if self.reopen.swap(false, Ordering::AcqRel) {
+            self.flush_buf();
+            self.file = None;
+        }
+        if self.file.is_none() && !self.open(now) {
+            return false;
+        }
+        if self.rotation_due(now, data.len()) {
+            self.rotate_now(now);
+            if self.file.is_none() {
+                return false;
+            }
+        }
+        self.buf.extend_from_slice(data);
+        self.size += data.len() as u64;
+        if self.buf.len() >= BUFFER {
+            self.flush_buf();
+        }
+        true
     }
 }
 
@@ -436,6 +454,21 @@ mod tests {
         assert_eq!(fx.read(archived[0]), "line-2\n");
         assert_eq!(fx.read(archived[1]), "line-3\n");
         assert!(archive_key("access.log", archived[0]).is_some());
+    }
+
+    #[test]
+    fn a_batch_of_lines_is_cut_between_lines() {
+        let fx = Fixture::new("batch");
+        let mut f = fx.file(Rotate::Size(9), 0);
+        f.write_all(b"aaaa\nbbbb\ncccc\n").unwrap();
+        f.flush().unwrap();
+        let names = fx.names();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert_eq!(fx.read("access.log"), "cccc\n");
+        for n in &names[1..] {
+            let t = fx.read(n);
+            assert!(t.len() <= 10 && t.ends_with('\n'), "{n}: {t:?}");
+        }
     }
 
     #[test]

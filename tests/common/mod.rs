@@ -585,8 +585,8 @@ pub fn toml_get(text: &str, section: &str, key: &str) -> Option<String> {
             if k.trim().trim_matches('"') == key {
                 let v = v.trim();
                 // strip a trailing comment outside of a string
-                let v = if v.starts_with('"') {
-                    match v[1..].find('"') {
+                let v = if let Some(rest) = v.strip_prefix('"') {
+                    match rest.find('"') {
                         Some(e) => &v[..e + 2],
                         None => v,
                     }
