@@ -945,6 +945,8 @@ impl Master {
             match crate::proxy::bind(new.bind, new.backlog) {
                 Ok(l) => {
                     tracing::info!(old = %old.bind, new = %new.bind, "SIGHUP: now listening on the new address; the old listener is closed");
+                    // The copy kept for USR2 must follow, or it would keep the old port open.
+                    self.listen_fd = std::os::fd::AsFd::as_fd(&l).try_clone_to_owned().ok();
                     let _ = self.listener_tx.send(l);
                 }
                 Err(e) => {
