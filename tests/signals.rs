@@ -462,3 +462,48 @@ fn daemon_reports_a_startup_failure_before_detaching() {
     assert_eq!(out.code(), Some(3), "{}", out.dump());
     assert!(out.all().contains("failed"), "{}", out.dump());
 }
+
+const SIGWINCH: i32 = 28;
+
+#[test]
+fn winch_retires_all_workers_of_a_daemonized_master() {
+    let dir = TestDir::new("winch");
+    let port = free_port();
+    let cfg = Conf::standard(&dir, port)
+        .set("", "daemon", "true")
+        .write(&dir);
+    let _guard = KillTree(dir.join("master.pid"));
+    let out = run_bin(
+        &dir,
+        &["-c", cfg.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    let pid: u32 = std::fs::read_to_string(dir.join("master.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let live = |pid: u32| {
+        proc_children(pid)
+            .into_iter()
+            .filter(|c| proc_state(*c).is_some_and(|s| s != 'Z'))
+            .count()
+    };
+    wait_until("two workers", Duration::from_secs(20), || {
+        (live(pid) == 2).then_some(())
+    });
+    send_signal(pid, SIGWINCH);
+    wait_until("no worker left", Duration::from_secs(20), || {
+        (live(pid) == 0).then_some(())
+    });
+    assert!(pid_alive(pid), "the master itself stays");
+    send_signal(pid, SIGTTIN);
+    wait_until("one worker back", Duration::from_secs(20), || {
+        (live(pid) == 1).then_some(())
+    });
+    assert_eq!(
+        Http::connect(port).request("GET", "/", &[], b"").status,
+        200
+    );
+}

@@ -64,8 +64,28 @@ pub fn install_worker_script(runtime_dir: &Path) -> io::Result<PathBuf> {
     Ok(path)
 }
 
-/// Picks a free loopback port for a `command` worker (bound and released: the program binds it next).
+/// Picks a free loopback port for a `command` worker (bound and released: the program binds it
+/// next). Chosen below the kernel's ephemeral range when possible, so an outgoing connection's
+/// source port cannot take it in the moment between our check and the program's bind.
 fn free_loopback_port() -> io::Result<u16> {
+    use rand::Rng;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            t.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u16>().ok())
+        })
+        .unwrap_or(32768);
+    if low > 11000 {
+        let mut rng = rand::thread_rng();
+        for _ in 0..64 {
+            let port = rng.gen_range(10000..low);
+            if StdTcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     let l = StdTcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
