@@ -329,7 +329,11 @@ impl Metrics {
             sysinfo::ProcessRefreshKind::nothing().with_memory(),
         );
         for (id, pid) in workers {
-            if let Some(p) = sys.process(sysinfo::Pid::from_u32(pid)) {
+            // A worker that has exited but is not reaped yet shows 0: leave it out.
+            if let Some(p) = sys
+                .process(sysinfo::Pid::from_u32(pid))
+                .filter(|p| p.memory() > 0)
+            {
                 self.worker_rss
                     .get_or_create(&[("worker", id.to_string())])
                     .set(p.memory() as i64);

@@ -84,6 +84,8 @@ pub struct Shared {
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     open_connections: AtomicUsize,
     connections_gone: Notify,
+    /// Set when the listener closes for a stop: responses then carry `Connection: close`.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -101,6 +103,7 @@ impl Shared {
             metrics,
             open_connections: AtomicUsize::new(0),
             connections_gone: Notify::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -309,6 +312,7 @@ pub async fn serve(
             }
         }
     }
+    shared.stopping.store(true, Ordering::SeqCst);
     drop(listener);
     let grace = *grace_rx.borrow();
     let wait = async {
@@ -357,9 +361,22 @@ async fn serve_connection(
     } else {
         builder.header_read_timeout(settings.keepalive);
     }
+    let linger = settings.keepalive;
     drop(settings);
     let svc_shared = shared.clone();
-    let svc = hyper::service::service_fn(move |req| handle(req, peer, svc_shared.clone()));
+    let svc = hyper::service::service_fn(move |req| {
+        let shared = svc_shared.clone();
+        async move {
+            let mut r = handle(req, peer, shared.clone()).await?;
+            if shared.stopping.load(Ordering::Relaxed)
+                && r.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(r)
+        }
+    });
     let conn = builder
         .serve_connection(TokioIo::new(tcp), svc)
         .with_upgrades();
@@ -372,6 +389,13 @@ async fn serve_connection(
     tokio::select! {
         _ = conn.as_mut() => {}
         _ = stop.changed() => {
+            // Closing an idle keep-alive connection at once races with a request the client may
+            // be sending on it. Instead let it carry one more request (answered with
+            // `Connection: close`) or expire by its idle timeout; then shut down what is left.
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = tokio::time::sleep(linger) => {}
+            }
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
