@@ -10,19 +10,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn start_life(name: &str, tweak: impl FnOnce(Conf) -> Conf) -> Fx {
-    let dir = TestDir::new(name);
-    let port = free_port();
-    let app = dir.install_app(&["lifeapp.py"]);
-    let conf = tweak(
-        Conf::standard(&dir, port)
-            .set("app", "wsgi", &q("lifeapp:app"))
-            .set("app", "chdir", &q(app.to_str().unwrap())),
-    );
-    let srv = Server::start(&dir, &conf);
-    Fx { srv, dir, port }
-}
-
 fn pid_of(r: &Response) -> u32 {
     r.text()
         .trim()

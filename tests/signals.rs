@@ -353,18 +353,7 @@ fn usr2_upgrades_in_place_under_load_without_failures() {
         },
     );
     // Guard the new master (and its workers) for cleanup even if an assertion fails below.
-    struct Kill(u32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            for k in proc_descendants(self.0) {
-                if let Some(p) = ProcId::of(k) {
-                    p.kill();
-                }
-            }
-            send_signal(self.0, SIGKILL);
-        }
-    }
-    let _guard = Kill(new);
+    let _guard = KillPid(new);
     let st = fx.srv.wait_exit(Duration::from_secs(40));
     assert!(st.success(), "old master: {}", describe_status(&st));
     let served_before_stop = ok.load(Ordering::Relaxed);
@@ -395,6 +384,24 @@ fn usr2_upgrades_in_place_under_load_without_failures() {
     });
 }
 
+/// SIGKILLs `pid` and its descendants.
+fn kill_tree(pid: u32) {
+    for k in proc_descendants(pid) {
+        if let Some(p) = ProcId::of(k) {
+            p.kill();
+        }
+    }
+    send_signal(pid, SIGKILL);
+}
+
+/// Kills, on drop, a process and its descendants.
+struct KillPid(u32);
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        kill_tree(self.0);
+    }
+}
+
 /// Kills, on drop, the process named by a pidfile (read at drop time) and its descendants.
 struct KillTree(std::path::PathBuf);
 impl Drop for KillTree {
@@ -403,12 +410,7 @@ impl Drop for KillTree {
             .ok()
             .and_then(|t| t.trim().parse::<u32>().ok());
         if let Some(pid) = pid {
-            for k in proc_descendants(pid) {
-                if let Some(p) = ProcId::of(k) {
-                    p.kill();
-                }
-            }
-            send_signal(pid, SIGKILL);
+            kill_tree(pid);
         }
     }
 }

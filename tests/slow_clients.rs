@@ -56,19 +56,6 @@ fn slow_uploads_and_downloads_do_not_hold_sync_workers() {
     drop(slow);
 }
 
-fn start_life(name: &str, tweak: impl FnOnce(Conf) -> Conf) -> Fx {
-    let dir = TestDir::new(name);
-    let port = free_port();
-    let app = dir.install_app(&["lifeapp.py"]);
-    let conf = tweak(
-        Conf::standard(&dir, port)
-            .set("app", "wsgi", &q("lifeapp:app"))
-            .set("app", "chdir", &q(app.to_str().unwrap())),
-    );
-    let srv = Server::start(&dir, &conf);
-    Fx { srv, dir, port }
-}
-
 #[test]
 fn thread_pool_variables_are_set_per_worker_unless_the_operator_set_them() {
     let cpus = std::thread::available_parallelism()

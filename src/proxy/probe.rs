@@ -91,7 +91,7 @@ async fn exchange_on(slot: &mut Slot, path: Option<&str>) -> Result<(), String> 
                 None => {
                     conn.out
                         .push_back(Bytes::copy_from_slice(&protocol::ping_frame()));
-                    match conn.next_frame_pub().await {
+                    match conn.next_frame().await {
                         Ok(Frame::Pong) => {}
                         Ok(f) => return Err(format!("unexpected answer to ping: {f:?}")),
                         Err(e) => return Err(e.to_string()),
@@ -123,7 +123,7 @@ async fn exchange_on(slot: &mut Slot, path: Option<&str>) -> Result<(), String> 
                     conn.out.push_back(Bytes::from(frame));
                     let mut status = None;
                     loop {
-                        match conn.next_frame_pub().await.map_err(|e| e.to_string())? {
+                        match conn.next_frame().await.map_err(|e| e.to_string())? {
                             Frame::Start(s) => {
                                 let (st, _, _) = protocol::parse_start(&s).map_err(|e| e.0)?;
                                 status = Some(st);

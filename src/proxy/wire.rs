@@ -100,13 +100,9 @@ impl WireConn {
         }
     }
 
-    async fn next_frame(&mut self) -> Result<Frame, WireError> {
-        std::future::poll_fn(|cx| self.poll_frame(cx)).await
-    }
-
     /// The next frame from the worker (writing pending request bytes meanwhile).
-    pub async fn next_frame_pub(&mut self) -> Result<Frame, WireError> {
-        self.next_frame().await
+    pub async fn next_frame(&mut self) -> Result<Frame, WireError> {
+        std::future::poll_fn(|cx| self.poll_frame(cx)).await
     }
 }
 
@@ -298,7 +294,7 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if let Some((slot, conn)) = self.parts.take() {
             let timeout = slot.worker.timeout;
-            tokio::spawn(drain(self.shared.clone(), slot, conn, timeout, false));
+            tokio::spawn(drain(self.shared.clone(), slot, conn, timeout));
         }
     }
 }
@@ -407,23 +403,7 @@ async fn pump(
                 }
             }
             Ok(Ok(Frame::End)) => {
-                if !conn.out.is_empty() {
-                    // The app answered without reading all of the request body: finish writing
-                    // it (the worker discards it) before the connection is reused.
-                    let r = tokio::time::timeout(
-                        timeout,
-                        std::future::poll_fn(|cx| conn.poll_flush_out(cx)),
-                    )
-                    .await;
-                    if !matches!(r, Ok(Ok(()))) {
-                        slot.worker.report(Event::WorkerMisbehaved {
-                            id: slot.worker.id,
-                            what: "request body write failed".into(),
-                        });
-                        return;
-                    }
-                }
-                finish(&shared, slot, conn);
+                flush_then_finish(&shared, slot, conn, timeout).await;
                 return;
             }
             Ok(Ok(Frame::Abort(why))) => {
@@ -552,45 +532,36 @@ impl Drop for WireBody {
     }
 }
 
-/// Reads and discards the rest of a response, then returns the slot.
-async fn drain(
-    shared: Arc<Shared>,
+/// The response has ended. If the app answered without reading all of the request body, finish
+/// writing it (the worker discards it) before the connection is reused; then return the slot.
+async fn flush_then_finish(
+    shared: &Shared,
     slot: Slot,
     mut conn: WireConn,
     timeout: std::time::Duration,
-    ended: bool,
 ) {
-    if ended {
-        // Only the request write is left.
+    if !conn.out.is_empty() {
         let r =
             tokio::time::timeout(timeout, std::future::poll_fn(|cx| conn.poll_flush_out(cx))).await;
-        match r {
-            Ok(Ok(())) => finish(&shared, slot, conn),
-            _ => slot.worker.report(Event::WorkerMisbehaved {
+        if !matches!(r, Ok(Ok(()))) {
+            slot.worker.report(Event::WorkerMisbehaved {
                 id: slot.worker.id,
                 what: "request body write failed".into(),
-            }),
+            });
+            return;
         }
-        return;
     }
+    finish(shared, slot, conn);
+}
+
+/// Reads and discards the rest of a response, then returns the slot.
+async fn drain(shared: Arc<Shared>, slot: Slot, mut conn: WireConn, timeout: std::time::Duration) {
     let mut deadline = Instant::now() + timeout;
     loop {
         match tokio::time::timeout_at(deadline, conn.next_frame()).await {
             Ok(Ok(Frame::Start(_))) | Ok(Ok(Frame::Body(_))) => deadline = Instant::now() + timeout,
             Ok(Ok(Frame::End)) | Ok(Ok(Frame::Abort(_))) => {
-                if conn.out.is_empty() {
-                    finish(&shared, slot, conn);
-                } else {
-                    conn.buf.clear();
-                    let r = tokio::time::timeout(
-                        timeout,
-                        std::future::poll_fn(|cx| conn.poll_flush_out(cx)),
-                    )
-                    .await;
-                    if matches!(r, Ok(Ok(()))) {
-                        finish(&shared, slot, conn);
-                    }
-                }
+                flush_then_finish(&shared, slot, conn, timeout).await;
                 return;
             }
             Ok(Ok(_)) | Ok(Err(_)) => {

@@ -1050,6 +1050,20 @@ pub fn start_standard(name: &str, tweak: impl FnOnce(Conf) -> Conf) -> Fx {
     Fx { srv, dir, port }
 }
 
+/// Start the lifecycle fixture app (`tests/apps/lifeapp.py`) with `tweak` applied.
+pub fn start_life(name: &str, tweak: impl FnOnce(Conf) -> Conf) -> Fx {
+    let dir = TestDir::new(name);
+    let port = free_port();
+    let app = dir.install_app(&["lifeapp.py"]);
+    let conf = tweak(
+        Conf::standard(&dir, port)
+            .set("app", "wsgi", &q("lifeapp:app"))
+            .set("app", "chdir", &q(app.to_str().unwrap())),
+    );
+    let srv = Server::start(&dir, &conf);
+    Fx { srv, dir, port }
+}
+
 fn conf_port(conf: &Conf) -> u16 {
     let bind = conf
         .sections
