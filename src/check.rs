@@ -262,7 +262,7 @@ fn environment(cfg: &Config, r: &mut Report) {
     }
     let w = &cfg.workers;
     if cfg.app.preload {
-        r.note("preload = true: not implemented yet; each worker imports the app itself");
+        r.note("preload = true: the app is imported once in a warm process and the workers are forked from it (imports that start threads: see workers.toml(5))");
     }
     if w.count_auto {
         r.note(&format!(

@@ -612,6 +612,15 @@ impl RawConfig {
             }
         }
         let preload = app.preload.unwrap_or(false);
+        if preload && matches!(kind, AppKind::Command(_)) {
+            return Err(err(
+                "app",
+                "preload",
+                "preload applies to the bundled WSGI worker (`wsgi = \"module:callable\"`); a \
+                 `command` program imports its own code: remove `preload` or use `wsgi`"
+                    .to_string(),
+            ));
+        }
         let ready_timeout = app
             .ready_timeout
             .map(|d| d.0)

@@ -58,9 +58,25 @@ pub enum Event {
         id: WorkerId,
         result: Result<(), String>,
     },
-    /// The worker process exited (reaped).
+    /// The worker process exited (reaped). `None`: it never existed (the warm process could not
+    /// fork it).
     WorkerExited {
         id: WorkerId,
+        status: Option<ExitStatus>,
+    },
+    /// A worker forked by the warm process reported its pid (it is now the master's child).
+    WorkerForked {
+        id: WorkerId,
+        pid: u32,
+    },
+    /// The warm process (preload) imported the app (Ok) or failed to (Err: the traceback).
+    WarmLoaded {
+        pid: u32,
+        result: Result<(), String>,
+    },
+    /// The warm process exited (reaped).
+    WarmExited {
+        pid: u32,
         status: ExitStatus,
     },
     /// The proxy saw a worker reach its request budget.

@@ -140,6 +140,18 @@ fn run(config_path: &Path) -> i32 {
         },
         None => None,
     };
+    // Workers forked by the warm process (preload) are handed to the master when their
+    // intermediate parent exits: the master is their subreaper, so it reaps them like the others.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return fail(
+            exit::RUNTIME,
+            format!(
+                "cannot become a child subreaper: {}",
+                std::io::Error::last_os_error()
+            ),
+        );
+    }
     let control_path = cfg.pidfile.as_deref().map(master::control::control_path);
     let pidfile_path = cfg.pidfile.clone();
     let runtime_dir = match make_runtime_dir() {

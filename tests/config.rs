@@ -186,3 +186,23 @@ fn missing_config_file_exits_2_naming_it() {
     assert_eq!(out.code(), Some(2), "{}", out.dump());
     assert!(out.all().contains("does-not-exist.toml"), "{}", out.dump());
 }
+
+#[test]
+fn preload_with_a_command_app_is_rejected() {
+    // {port} would be filled in by write_config: the command's placeholder is spelled PORTSLOT
+    // and restored after writing.
+    let body = VALID.replace(
+        "wsgi = \"testapp:app\"\n",
+        "command = [\"{python}\", \"-m\", \"http.server\", \"PORTSLOT\"]\npreload = true\n",
+    );
+    let dir = TestDir::new("preload_command");
+    let cfg = write_config(&dir, "workers.toml", &body, free_port());
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("PORTSLOT", "{port}");
+    fs::write(&cfg, &text).unwrap();
+    let out = run_master_to_exit(&dir, &cfg, Duration::from_secs(15));
+    assert_eq!(out.code(), Some(2), "{}", out.dump());
+    assert_names(&out, &text, "preload = true", "preload");
+    assert!(out.all().contains("bundled WSGI worker"), "{}", out.dump());
+}

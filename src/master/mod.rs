@@ -31,6 +31,7 @@ use crate::logging::Logs;
 use crate::proxy::{Settings, Shared};
 use crate::systemd;
 use crate::worker::spawn::{self, SpawnContext};
+use crate::worker::warm::{self, Warm};
 use crate::worker::{WorkerId, WorkerInfo};
 
 /// Exit codes of the master (documented in the man page and README).
@@ -82,6 +83,15 @@ impl WorkerRec {
     }
 }
 
+/// The warm process of a generation (preload): imports the app once; workers fork from it.
+#[derive(Debug)]
+struct WarmRec {
+    warm: Warm,
+    generation: u64,
+    ready: bool,
+    started: Instant,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Running,
@@ -129,6 +139,12 @@ pub struct Master {
     upgrading: Option<u32>,
     /// Where the pidfile lives when it is not moved aside for an upgrade.
     pidfile_home: Option<PathBuf>,
+    /// The warm process workers are forked from (`preload = true`).
+    warm: Option<WarmRec>,
+    /// Zombie children seen at the last sweep that nobody reaped (orphans handed to us as the
+    /// child subreaper); reaped if still there at the next one.
+    zombies_seen: Vec<u32>,
+    next_orphan_sweep: Instant,
 }
 
 /// The pieces `main` hands over.
@@ -144,6 +160,16 @@ pub struct MasterParts {
     pub listen_fd: Option<std::os::fd::OwnedFd>,
     /// The binary to start on SIGUSR2 (the installed path, read at start-up).
     pub exe: Option<PathBuf>,
+}
+
+/// How often zombie orphans (descendants re-parented to the master) are looked for.
+const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+fn describe_exit(st: Option<&ExitStatus>) -> String {
+    match st {
+        Some(st) => describe_status(st),
+        None => "never started (the warm process did not fork it)".to_string(),
+    }
 }
 
 fn describe_status(st: &ExitStatus) -> String {
@@ -206,6 +232,9 @@ impl Master {
             exe: parts.exe,
             upgrading: None,
             pidfile_home: None,
+            warm: None,
+            zombies_seen: Vec::new(),
+            next_orphan_sweep: Instant::now() + ORPHAN_SWEEP_EVERY,
         }
     }
 
@@ -245,7 +274,7 @@ impl Master {
 
     fn next_wakeup(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
-        let mut t = far;
+        let mut t = far.min(self.next_orphan_sweep);
         if let Some(s) = self.spawn_not_before {
             t = t.min(s);
         }
@@ -272,6 +301,10 @@ impl Master {
         let now = Instant::now();
         if self.spawn_not_before.is_some_and(|t| t <= now) {
             self.spawn_not_before = None;
+        }
+        if self.next_orphan_sweep <= now {
+            self.next_orphan_sweep = now + ORPHAN_SWEEP_EVERY;
+            self.reap_orphans();
         }
         if let Some((every, at)) = self.watchdog {
             if at <= now {
@@ -305,11 +338,11 @@ impl Master {
             if let Some(w) = self.workers.get_mut(&id) {
                 tracing::warn!(
                     worker = id,
-                    pid = w.info.pid,
+                    pid = w.info.pid(),
                     "worker did not stop in time: SIGKILL"
                 );
                 w.kill_at = None;
-                signal_worker(w.info.pid, Signal::SIGKILL);
+                signal_worker(w.info.pid(), Signal::SIGKILL);
             }
         }
     }
@@ -319,12 +352,15 @@ impl Master {
             Event::Signal(s) => self.on_signal(s),
             Event::WorkerLoaded { id, result } => self.on_loaded(id, result),
             Event::WorkerExited { id, status } => self.on_exited(id, status),
+            Event::WorkerForked { id, pid } => self.on_forked(id, pid),
+            Event::WarmLoaded { pid, result } => self.on_warm_loaded(pid, result),
+            Event::WarmExited { pid, status } => self.on_warm_exited(pid, status),
             Event::BudgetSpent { id } => {
                 if let Some(w) = self.workers.get_mut(&id) {
                     if w.state == WorkerState::Ready && w.replace.is_none() {
                         tracing::info!(
                             worker = id,
-                            pid = w.info.pid,
+                            pid = w.info.pid(),
                             reason = "max_requests",
                             served = w.info.served.load(Ordering::Relaxed),
                             "worker reached its request budget; starting a replacement"
@@ -337,7 +373,7 @@ impl Master {
             Event::WorkerMisbehaved { id, what } => {
                 if let Some(w) = self.workers.get_mut(&id) {
                     if w.serving() {
-                        tracing::warn!(worker = id, pid = w.info.pid, reason = "crash", error = %what, "worker failed a request; replacing it");
+                        tracing::warn!(worker = id, pid = w.info.pid(), reason = "crash", error = %what, "worker failed a request; replacing it");
                         w.replace = Some(ReplaceReason::Misbehaved);
                         self.retire(id, "crash");
                     }
@@ -426,7 +462,7 @@ impl Master {
                 let slots = self.cfg.workers.slots_per_worker(&self.cfg.app.kind);
                 tracing::info!(
                     worker = id,
-                    pid = w.info.pid,
+                    pid = w.info.pid(),
                     boot_ms = w.started.elapsed().as_millis() as u64,
                     "worker ready"
                 );
@@ -459,7 +495,7 @@ impl Master {
                 if !self.booted {
                     tracing::error!(
                         worker = id,
-                        pid = w.info.pid,
+                        pid = w.info.pid(),
                         "the application failed to load; stopping\n{traceback}"
                     );
                     if !matches!(self.cfg.log.error, config::LogTarget::Stderr) {
@@ -469,11 +505,11 @@ impl Master {
                     self.begin_stop(false);
                 } else {
                     if self.crash_streak <= 1 {
-                        tracing::error!(worker = id, pid = w.info.pid, reason = "crash", "a new worker failed to load the application (the running workers keep serving)\n{traceback}");
+                        tracing::error!(worker = id, pid = w.info.pid(), reason = "crash", "a new worker failed to load the application (the running workers keep serving)\n{traceback}");
                     } else {
                         tracing::error!(
                             worker = id,
-                            pid = w.info.pid,
+                            pid = w.info.pid(),
                             reason = "crash",
                             streak = self.crash_streak,
                             "a new worker failed to load the application again"
@@ -482,12 +518,171 @@ impl Master {
                     if let Some(w) = self.workers.get_mut(&id) {
                         w.reason = Some("crash");
                     }
+                    // It may still be alive (stuck past ready_timeout): it will never serve.
+                    self.stop_process(id, Signal::SIGKILL, Duration::from_secs(2));
                 }
             }
         }
     }
 
-    fn on_exited(&mut self, id: WorkerId, status: ExitStatus) {
+    fn on_forked(&mut self, id: WorkerId, pid: u32) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            // Already forgotten (its status channel failed first): make sure it does not linger.
+            signal_worker(pid, Signal::SIGKILL);
+            return;
+        };
+        w.info.set_pid(pid);
+        tracing::info!(
+            worker = id,
+            pid,
+            fork_ms = w.started.elapsed().as_millis() as u64,
+            "worker forked from the warm process"
+        );
+        if let Some(m) = &self.shared.metrics {
+            m.worker_spawned(id, pid); // metrics hook
+        }
+        if w.state == WorkerState::Stopping {
+            // Asked to stop before its pid was known: do it now, with the usual grace.
+            w.kill_at = Some(Instant::now() + Duration::from_secs(2));
+            signal_worker(pid, Signal::SIGTERM);
+        }
+    }
+
+    fn on_warm_loaded(&mut self, pid: u32, result: Result<(), String>) {
+        let Some(rec) = self.warm.as_mut().filter(|r| r.warm.pid == pid) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                rec.ready = true;
+                tracing::info!(
+                    pid,
+                    generation = rec.generation,
+                    import_ms = rec.started.elapsed().as_millis() as u64,
+                    "warm process ready: the app is imported; forking workers from it"
+                );
+            }
+            Err(traceback) => {
+                self.warm = None;
+                if !self.booted {
+                    tracing::error!(
+                        pid,
+                        "the application failed to load (preload); stopping\n{traceback}"
+                    );
+                    if !matches!(self.cfg.log.error, config::LogTarget::Stderr) {
+                        eprintln!("gte-supervisor: the application failed to load:\n{traceback}");
+                    }
+                    self.exit_code = exit::APP_LOAD;
+                    self.begin_stop(false);
+                    return;
+                }
+                self.crash_streak += 1;
+                let delay = Duration::from_millis(500u64 << self.crash_streak.min(6))
+                    .min(Duration::from_secs(30));
+                self.spawn_not_before = Some(Instant::now() + delay);
+                tracing::error!(pid, reason = "crash", backoff_ms = delay.as_millis() as u64, "the warm process failed to import the application (the running workers keep serving)\n{traceback}");
+            }
+        }
+    }
+
+    fn on_warm_exited(&mut self, pid: u32, status: ExitStatus) {
+        let how = describe_status(&status);
+        if self.warm.as_ref().is_some_and(|r| r.warm.pid == pid) {
+            self.warm = None;
+            if self.phase == Phase::Running {
+                tracing::warn!(pid, status = %how, "the warm process exited unexpectedly; the forked workers keep serving; starting a new one");
+                return;
+            }
+        }
+        tracing::info!(pid, status = %how, "warm process exited");
+    }
+
+    /// Keeps the warm process of the current generation running (preload), and no other.
+    fn ensure_warm(&mut self) {
+        let wanted =
+            self.cfg.app.preload && matches!(self.cfg.app.kind, config::AppKind::Wsgi { .. });
+        if let Some(rec) = self.warm.take() {
+            if wanted && rec.generation == self.generation {
+                self.warm = Some(rec);
+                return;
+            }
+            tracing::info!(
+                pid = rec.warm.pid,
+                generation = rec.generation,
+                "retiring the warm process of an older configuration"
+            );
+            rec.warm.terminate();
+        }
+        if !wanted || self.spawn_not_before.is_some() {
+            return;
+        }
+        let ctx = SpawnContext {
+            runtime_dir: &self.runtime_dir,
+            events: self.events_tx.clone(),
+            master_pid: std::process::id(),
+        };
+        match warm::spawn_warm(&self.cfg, &ctx) {
+            Ok(w) => {
+                tracing::info!(
+                    pid = w.pid,
+                    generation = self.generation,
+                    "warm process started: importing the app once"
+                );
+                self.warm = Some(WarmRec {
+                    warm: w,
+                    generation: self.generation,
+                    ready: false,
+                    started: Instant::now(),
+                });
+            }
+            Err(e) => self.spawn_failed(0, e),
+        }
+    }
+
+    /// Reaps zombie children nobody else waits for: processes a worker started and left behind
+    /// are re-parented to the master (a child subreaper, for preload). A zombie is reaped only
+    /// when it was already one at the previous sweep, so children tokio waits for are never
+    /// taken from it.
+    fn reap_orphans(&mut self) {
+        let mut zombies = Vec::new();
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return;
+        };
+        for task in tasks.flatten() {
+            let Ok(list) = std::fs::read_to_string(task.path().join("children")) else {
+                continue;
+            };
+            for pid in list
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+            {
+                if self.workers.values().any(|w| w.info.pid() == pid)
+                    || self.warm.as_ref().is_some_and(|r| r.warm.pid == pid)
+                {
+                    continue;
+                }
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let state = stat
+                    .rfind(')')
+                    .and_then(|i| stat[i + 1..].split_whitespace().next());
+                if state == Some("Z") {
+                    zombies.push(pid);
+                }
+            }
+        }
+        for &pid in &zombies {
+            if self.zombies_seen.contains(&pid) {
+                let _ = nix::sys::wait::waitpid(
+                    Pid::from_raw(pid as i32),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                );
+                tracing::debug!(pid, "reaped an orphaned process");
+            }
+        }
+        self.zombies_seen = zombies;
+    }
+
+    fn on_exited(&mut self, id: WorkerId, status: Option<ExitStatus>) {
         let Some(w) = self.workers.remove(&id) else {
             return;
         };
@@ -503,20 +698,20 @@ impl Master {
             m.worker_exited(id, reason); // metrics hook
         }
         let served = w.info.served.load(Ordering::Relaxed);
-        let how = describe_status(&status);
+        let how = describe_exit(status.as_ref());
         if self.last_exits.len() >= 10 {
             self.last_exits.pop_front();
         }
         self.last_exits.push_back(format!(
             "worker {id} pid {} reason {reason} served {served} age {}s: {how}",
-            w.info.pid,
+            w.info.pid(),
             age.as_secs()
         ));
         if expected {
-            tracing::info!(worker = id, pid = w.info.pid, reason, served, age_s = age.as_secs(), status = %how, "worker exited");
+            tracing::info!(worker = id, pid = w.info.pid(), reason, served, age_s = age.as_secs(), status = %how, "worker exited");
             return;
         }
-        tracing::warn!(worker = id, pid = w.info.pid, reason, served, age_s = age.as_secs(), status = %how, "worker exited unexpectedly");
+        tracing::warn!(worker = id, pid = w.info.pid(), reason, served, age_s = age.as_secs(), status = %how, "worker exited unexpectedly");
         if self.phase != Phase::Running || !self.booted {
             return;
         }
@@ -554,7 +749,7 @@ impl Master {
         };
         if ok {
             if w.health_failures > 0 {
-                tracing::info!(worker = id, pid = w.info.pid, "health probe passes again");
+                tracing::info!(worker = id, pid = w.info.pid(), "health probe passes again");
             }
             w.health_failures = 0;
             return;
@@ -572,7 +767,7 @@ impl Master {
         w.health_failures += 1;
         tracing::warn!(
             worker = id,
-            pid = w.info.pid,
+            pid = w.info.pid(),
             failures = w.health_failures,
             of = failures,
             error = detail,
@@ -581,7 +776,7 @@ impl Master {
         if w.health_failures >= failures {
             tracing::error!(
                 worker = id,
-                pid = w.info.pid,
+                pid = w.info.pid(),
                 reason = "health",
                 served = w.info.served.load(Ordering::Relaxed),
                 age_s = w.started.elapsed().as_secs(),
@@ -634,7 +829,7 @@ impl Master {
         let pids: Vec<sysinfo::Pid> = self
             .workers
             .values()
-            .map(|w| sysinfo::Pid::from_u32(w.info.pid))
+            .map(|w| sysinfo::Pid::from_u32(w.info.pid()))
             .collect();
         self.sys.refresh_processes_specifics(
             sysinfo::ProcessesToUpdate::Some(&pids),
@@ -642,7 +837,7 @@ impl Master {
             sysinfo::ProcessRefreshKind::nothing().with_memory(),
         );
         for w in self.workers.values_mut() {
-            let Some(p) = self.sys.process(sysinfo::Pid::from_u32(w.info.pid)) else {
+            let Some(p) = self.sys.process(sysinfo::Pid::from_u32(w.info.pid())) else {
                 continue;
             };
             w.rss = p.memory();
@@ -654,7 +849,7 @@ impl Master {
                 if w.memory_over >= 3 {
                     tracing::warn!(
                         worker = w.info.id,
-                        pid = w.info.pid,
+                        pid = w.info.pid(),
                         reason = "memory",
                         rss = w.rss,
                         limit,
@@ -733,7 +928,7 @@ impl Master {
         let pids: Vec<sysinfo::Pid> = self
             .workers
             .values()
-            .map(|w| sysinfo::Pid::from_u32(w.info.pid))
+            .map(|w| sysinfo::Pid::from_u32(w.info.pid()))
             .collect();
         self.sys.refresh_processes_specifics(
             sysinfo::ProcessesToUpdate::Some(&pids),
@@ -753,6 +948,16 @@ impl Master {
             self.shared.pool.queued(),
             self.phase,
         );
+        if let Some(rec) = &self.warm {
+            let _ = writeln!(
+                out,
+                "warm process pid {} generation {} {}, up {}s",
+                rec.warm.pid,
+                rec.generation,
+                if rec.ready { "ready" } else { "importing" },
+                rec.started.elapsed().as_secs()
+            );
+        }
         let _ = writeln!(
             out,
             "{:>6} {:>8} {:<9} {:>9} {:>9} {:>7}  note",
@@ -761,7 +966,7 @@ impl Master {
         for w in self.workers.values() {
             let rss = self
                 .sys
-                .process(sysinfo::Pid::from_u32(w.info.pid))
+                .process(sysinfo::Pid::from_u32(w.info.pid()))
                 .map(|p| p.memory())
                 .unwrap_or(w.rss);
             let note = match (w.replace, w.reason) {
@@ -773,7 +978,7 @@ impl Master {
                 out,
                 "{:>6} {:>8} {:<9} {:>9} {:>9.1} {:>7}  {}",
                 w.info.id,
-                w.info.pid,
+                w.info.pid(),
                 format!("{:?}", w.state).to_lowercase(),
                 w.info.served.load(Ordering::Relaxed),
                 rss as f64 / (1024.0 * 1024.0),
@@ -800,7 +1005,7 @@ impl Master {
         }
         tracing::error!(
             worker = id,
-            pid = w.info.pid,
+            pid = w.info.pid(),
             reason = "timeout",
             served = w.info.served.load(Ordering::Relaxed),
             age_s = w.started.elapsed().as_secs(),
@@ -827,7 +1032,7 @@ impl Master {
         let drained = w.info.retire();
         tracing::info!(
             worker = id,
-            pid = w.info.pid,
+            pid = w.info.pid(),
             reason,
             served = w.info.served.load(Ordering::Relaxed),
             age_s = w.started.elapsed().as_secs(),
@@ -846,7 +1051,7 @@ impl Master {
         };
         w.state = WorkerState::Stopping;
         w.kill_at = Some(Instant::now() + grace);
-        signal_worker(w.info.pid, sig);
+        signal_worker(w.info.pid(), sig);
     }
 
     fn ready_fresh(&self) -> usize {
@@ -870,7 +1075,7 @@ impl Master {
             if !graceful {
                 // A second, fast stop while stopping: hurry up.
                 for w in self.workers.values() {
-                    signal_worker(w.info.pid, Signal::SIGKILL);
+                    signal_worker(w.info.pid(), Signal::SIGKILL);
                 }
             }
             return;
@@ -900,6 +1105,9 @@ impl Master {
     fn stop_workers(&mut self, fast: bool) {
         self.phase = Phase::StoppingWorkers;
         self.shared.pool.close();
+        if let Some(rec) = self.warm.take() {
+            rec.warm.terminate();
+        }
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         for id in ids {
             if let Some(w) = self.workers.get_mut(&id) {
@@ -1011,6 +1219,10 @@ impl Master {
     }
 
     fn spawn_one(&mut self) -> bool {
+        let preload = self.cfg.app.preload;
+        if preload && !self.warm.as_ref().is_some_and(|r| r.ready) {
+            return false; // the warm process is still importing: fork when it is ready
+        }
         let id = self.next_id;
         self.next_id += 1;
         let ctx = SpawnContext {
@@ -1018,7 +1230,17 @@ impl Master {
             events: self.events_tx.clone(),
             master_pid: std::process::id(),
         };
-        match spawn::spawn_worker(&self.cfg, id, &ctx) {
+        let spawned = match self.warm.as_ref().filter(|_| preload) {
+            Some(rec) => rec.warm.fork_worker(&self.cfg, id, &ctx),
+            None => spawn::spawn_worker(&self.cfg, id, &ctx),
+        };
+        if spawned.is_err() && preload {
+            // The warm process cannot take requests: replace it (ensure_warm, next reconcile).
+            if let Some(rec) = self.warm.take() {
+                rec.warm.terminate();
+            }
+        }
+        match spawned {
             Ok(sp) => {
                 let w = &self.cfg.workers;
                 let budget = if w.max_requests == 0 {
@@ -1041,7 +1263,7 @@ impl Master {
                     budget,
                     "worker spawned"
                 );
-                if let Some(m) = &self.shared.metrics {
+                if let (Some(m), true) = (&self.shared.metrics, sp.pid != 0) {
                     m.worker_spawned(id, sp.pid); // metrics hook
                 }
                 self.workers.insert(
@@ -1064,31 +1286,41 @@ impl Master {
                 true
             }
             Err(e) => {
-                let python = self.cfg.python_path();
-                tracing::error!(worker = id, error = %e, python = %python.display(), chdir = %self.cfg.app.chdir.display(), "cannot start a worker process");
-                if !self.booted {
-                    if !matches!(self.cfg.log.error, config::LogTarget::Stderr) {
-                        eprintln!(
-                            "gte-supervisor: cannot start a worker ({} in {}): {e}",
-                            python.display(),
-                            self.cfg.app.chdir.display()
-                        );
-                    }
-                    self.exit_code = exit::APP_LOAD;
-                    self.begin_stop(false);
-                } else {
-                    self.crash_streak += 1;
-                    let delay = Duration::from_millis(500u64 << self.crash_streak.min(6))
-                        .min(Duration::from_secs(30));
-                    self.spawn_not_before = Some(Instant::now() + delay);
-                }
+                self.spawn_failed(id, e);
                 false
             }
         }
     }
 
+    /// A worker (or the warm process, id 0) could not be started: fatal before the first boot,
+    /// else a crash with backoff.
+    fn spawn_failed(&mut self, id: WorkerId, e: std::io::Error) {
+        let python = self.cfg.python_path();
+        tracing::error!(worker = id, error = %e, python = %python.display(), chdir = %self.cfg.app.chdir.display(), "cannot start a worker process");
+        if !self.booted {
+            if !matches!(self.cfg.log.error, config::LogTarget::Stderr) {
+                eprintln!(
+                    "gte-supervisor: cannot start a worker ({} in {}): {e}",
+                    python.display(),
+                    self.cfg.app.chdir.display()
+                );
+            }
+            self.exit_code = exit::APP_LOAD;
+            self.begin_stop(false);
+        } else {
+            self.crash_streak += 1;
+            let delay = Duration::from_millis(500u64 << self.crash_streak.min(6))
+                .min(Duration::from_secs(30));
+            self.spawn_not_before = Some(Instant::now() + delay);
+        }
+    }
+
     /// Closes the gap between the workers wanted and the workers there are.
     fn reconcile(&mut self) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        self.ensure_warm();
         if self.phase != Phase::Running {
             return;
         }

@@ -128,10 +128,10 @@ pub async fn forward(
                 let slot = hold.take();
                 tracing::error!(
                     worker = slot.worker.id,
-                    pid = slot.worker.pid,
+                    pid = slot.worker.pid(),
                     "request timed out waiting for the command worker: 504"
                 );
-                let pid = slot.worker.pid;
+                let pid = slot.worker.pid();
                 // The connection is dropped with the sender; the slot itself stays usable.
                 shared.pool.release(slot);
                 if let Some(r) = &record {
@@ -151,7 +151,7 @@ pub async fn forward(
             let shared2 = shared.clone();
             slot.conn = None;
             if let Some(r) = &record {
-                shared.access.log(r, 101, 0, Some(slot.worker.pid));
+                shared.access.log(r, 101, 0, Some(slot.worker.pid()));
             }
             tokio::spawn(async move {
                 if let (Ok(c), Ok(b)) = (client_upgrade.await, backend_upgrade.await) {
@@ -186,7 +186,7 @@ fn fail(
 ) -> Response<ProxyBody> {
     tracing::error!(
         worker = slot.worker.id,
-        pid = slot.worker.pid,
+        pid = slot.worker.pid(),
         error = what,
         "command worker failed: 502"
     );
@@ -194,7 +194,7 @@ fn fail(
         id: slot.worker.id,
         what: what.to_string(),
     });
-    let pid = slot.worker.pid;
+    let pid = slot.worker.pid();
     // The slot itself stays usable (a new connection is made next time).
     shared.pool.release(slot);
     if let Some(r) = &record {
@@ -219,7 +219,7 @@ impl HttpBody {
             if let Some(r) = self.record.take() {
                 self.shared
                     .access
-                    .log(&r, self.status, self.sent, Some(slot.worker.pid));
+                    .log(&r, self.status, self.sent, Some(slot.worker.pid()));
             }
             if !keep_conn {
                 slot.conn = None;

@@ -219,7 +219,7 @@ pub async fn forward(
                     }
                 };
                 let len = body.as_ref().map_or(0, |b| b.len() as u64);
-                let pid = slot.worker.pid;
+                let pid = slot.worker.pid();
                 finish(shared, slot, conn);
                 if let Some(r) = &record {
                     shared.access.log(r, status.as_u16(), len, Some(pid));
@@ -239,7 +239,7 @@ pub async fn forward(
                 break;
             }
             Ok(Some(Frame::Abort(why))) => {
-                let pid = slot.worker.pid;
+                let pid = slot.worker.pid();
                 finish(shared, slot, conn);
                 tracing::warn!(pid, reason = %String::from_utf8_lossy(&why), "app failed after sending headers; client connection aborted");
                 if let Some(r) = &record {
@@ -262,7 +262,7 @@ pub async fn forward(
     slot.conn = None;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let budget = Arc::new(tokio::sync::Semaphore::new(STREAM_BUFFER_BYTES));
-    let pid = slot.worker.pid;
+    let pid = slot.worker.pid();
     tokio::spawn(pump(
         shared.clone(),
         slot,
@@ -317,7 +317,7 @@ fn fail(
 ) -> Response<ProxyBody> {
     tracing::error!(
         worker = slot.worker.id,
-        pid = slot.worker.pid,
+        pid = slot.worker.pid(),
         error = what,
         "worker failed mid-request: 502"
     );
@@ -325,7 +325,7 @@ fn fail(
         id: slot.worker.id,
         what: what.to_string(),
     });
-    let pid = slot.worker.pid;
+    let pid = slot.worker.pid();
     drop(slot);
     let resp = error_response(StatusCode::BAD_GATEWAY);
     if let Some(r) = &record {
@@ -335,10 +335,10 @@ fn fail(
 }
 
 fn timed_out(shared: &Shared, slot: Slot, record: Option<AccessRecord>) -> Response<ProxyBody> {
-    tracing::error!(worker = slot.worker.id, pid = slot.worker.pid, timeout = ?slot.worker.timeout, "request timed out: 504, aborting the worker");
+    tracing::error!(worker = slot.worker.id, pid = slot.worker.pid(), timeout = ?slot.worker.timeout, "request timed out: 504, aborting the worker");
     slot.worker
         .report(Event::RequestTimedOut { id: slot.worker.id });
-    let pid = slot.worker.pid;
+    let pid = slot.worker.pid();
     drop(slot);
     let resp = error_response(StatusCode::GATEWAY_TIMEOUT);
     if let Some(r) = &record {
@@ -407,7 +407,7 @@ async fn pump(
                 return;
             }
             Ok(Ok(Frame::Abort(why))) => {
-                tracing::warn!(worker = slot.worker.id, pid = slot.worker.pid, reason = %String::from_utf8_lossy(&why), "app failed while streaming; client connection aborted");
+                tracing::warn!(worker = slot.worker.id, pid = slot.worker.pid(), reason = %String::from_utf8_lossy(&why), "app failed while streaming; client connection aborted");
                 finish(&shared, slot, conn);
                 tx.fail("the application failed while streaming the response");
                 return;
@@ -425,7 +425,7 @@ async fn pump(
             Err(_) => {
                 tracing::error!(
                     worker = slot.worker.id,
-                    pid = slot.worker.pid,
+                    pid = slot.worker.pid(),
                     "response stalled past the timeout: aborting the worker"
                 );
                 slot.worker
@@ -440,7 +440,7 @@ async fn pump(
 fn broken(slot: &Slot, what: &str) {
     tracing::error!(
         worker = slot.worker.id,
-        pid = slot.worker.pid,
+        pid = slot.worker.pid(),
         error = what,
         "worker failed while streaming a response"
     );

@@ -643,11 +643,7 @@ def _exit_graceful(code=0):
             run_exitfuncs()
     except BaseException:
         pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
+    _flush_stdio()
     os._exit(code)
 
 
@@ -753,23 +749,55 @@ def _listen(path):
     return lsock
 
 
-def _start():
-    """Everything that may fail at start-up; returns (app, listening socket, thread count)."""
+def _import_app():
+    """Put the app directory first on sys.path and import ``GTE_APP``; returns (app, threads)."""
     env = os.environ
     spec = env.get('GTE_APP')
     if not spec:
         raise RuntimeError('GTE_APP is not set')
-    path = env.get('GTE_SOCKET')
-    if not path:
-        raise RuntimeError('GTE_SOCKET is not set')
     threads = int(env.get('GTE_THREADS') or '1')
     if threads < 1:
         raise ValueError('GTE_THREADS must be >= 1, not %d' % threads)
     app_dir = env.get('GTE_CHDIR') or os.getcwd()
     if not sys.path or sys.path[0] != app_dir:
         sys.path.insert(0, app_dir)
-    app = _load_app(spec)  # the app is imported before we listen (PROTOCOL.md)
+    return _load_app(spec), threads
+
+
+def _start():
+    """Everything that may fail at start-up; returns (app, listening socket, thread count)."""
+    path = os.environ.get('GTE_SOCKET')
+    if not path:
+        raise RuntimeError('GTE_SOCKET is not set')
+    app, threads = _import_app()  # the app is imported before we listen (PROTOCOL.md)
     return app, _listen(path), threads
+
+
+def _report_failure(status_fd, what='failed to start'):
+    """Send FAILED + the current traceback on the status channel (or print it), then exit 3."""
+    tb = traceback.format_exc()
+    reported = False
+    if status_fd is not None:
+        try:
+            _write_all(status_fd, b'FAILED\n' + tb.encode('utf-8', 'replace'))
+            os.close(status_fd)
+            reported = True
+        except OSError:
+            pass
+    if not reported:
+        # The master prints the traceback it receives once; only without it do we print here.
+        _log('gte worker: %s:\n%s' % (what, tb))
+    _exit_flush(3)
+
+
+def _report_ready(status_fd):
+    if status_fd is not None:
+        try:
+            _write_all(status_fd, b'READY\n')
+            os.close(status_fd)
+        except OSError as exc:  # the master stopped waiting for us
+            _log('gte worker: cannot report READY: %s' % exc)
+            _exit_flush(3)
 
 
 def main():
@@ -784,32 +812,19 @@ def main():
     signal.signal(signal.SIGQUIT, _on_fast_exit)
     _state.ppid = os.getppid()
     status_fd = _take_status_fd()
-
+    if os.environ.get('GTE_MODE') == 'warm':
+        _warm_main(status_fd)  # never returns
     try:
         app, lsock, threads = _start()
     except BaseException:
-        tb = traceback.format_exc()
-        reported = False
-        if status_fd is not None:
-            try:
-                _write_all(status_fd, b'FAILED\n' + tb.encode('utf-8', 'replace'))
-                os.close(status_fd)
-                reported = True
-            except OSError:
-                pass
-        if not reported:
-            # The master prints the traceback it receives once; only without it do we print here.
-            _log('gte worker: failed to start:\n' + tb)
-        _exit_flush(3)
+        _report_failure(status_fd)
+    _report_ready(status_fd)
+    _serve(app, lsock, threads)
 
-    if status_fd is not None:
-        try:
-            _write_all(status_fd, b'READY\n')
-            os.close(status_fd)
-        except OSError as exc:  # the master stopped waiting for us
-            _log('gte worker: cannot report READY: %s' % exc)
-            _exit_flush(3)
 
+def _serve(app, lsock, threads):
+    """Run the request loop(s) until SIGTERM (after the requests in progress) or the master's
+    death; never returns."""
     base_environ = {
         'SCRIPT_NAME': '',
         'SERVER_SOFTWARE': 'gte-supervisor',
@@ -847,12 +862,137 @@ def main():
             _master_gone()
 
 
-def _exit_flush(code):
+# ------------------------------------------------------------------------------------------------
+# Preload: the warm process (PROTOCOL.md, "Preload")
+
+def _warm_main(status_fd):
+    """``GTE_MODE=warm``: import the app once, report READY, then fork a worker for every request
+    that arrives on the control socket (``GTE_CONTROL_FD``, SOCK_SEQPACKET).  Each worker is forked
+    twice so that it becomes the master's child (the master is a child subreaper), not ours: the
+    master reaps, times and kills it like any worker, and it keeps serving if we die.  Exits when
+    the master closes the control socket."""
+    import ctypes  # imported here, once: the forked workers need prctl()
+    try:
+        ctl_fd = int(os.environ.pop('GTE_CONTROL_FD'))
+        os.set_inheritable(ctl_fd, False)
+        ctl = socket.socket(fileno=ctl_fd)
+        app, threads = _import_app()
+    except BaseException:
+        _report_failure(status_fd, 'the warm process failed to import the app')
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except Exception:
+        prctl = None
+    _warn_threads_at_import()
+    _report_ready(status_fd)
+    master_pid = _state.ppid
+    fd_size = struct.calcsize('i')
+    while True:
+        try:
+            msg, ancdata, _flags, _addr = ctl.recvmsg(4096, socket.CMSG_SPACE(3 * fd_size))
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            _log('gte warm process: control socket failed: %s; exiting' % exc)
+            break
+        fds = []
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                n = len(data) - len(data) % fd_size
+                fds.extend(struct.unpack('%di' % (n // fd_size), data[:n]))
+        if not msg:
+            break  # the master closed the control socket: nothing more to fork
+        fields = msg.decode('utf-8', 'replace').split('\0')
+        if len(fields) != 3 or fields[0] != 'F' or len(fds) != 3:
+            _log('gte warm process: malformed fork request %r with %d fds; ignored'
+                 % (msg[:200], len(fds)))
+            for fd in fds:
+                os.close(fd)
+            continue
+        _flush_stdio()  # or the child would write our buffered output again
+        pid = os.fork()
+        if pid == 0:
+            try:
+                if os.fork():
+                    os._exit(0)  # the intermediate child: its exit hands the worker to the master
+                ctl.close()
+                _become_worker(app, threads, fields[1], fields[2], fds, master_pid, prctl)
+            except BaseException:
+                try:
+                    _log('gte worker: start after fork failed:\n' + traceback.format_exc())
+                finally:
+                    os._exit(3)
+            os._exit(0)
+        for fd in fds:
+            os.close(fd)
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                break
+    _exit_graceful(0)
+
+
+def _warn_threads_at_import():
+    """Threads do not survive fork(): warn when the import started some (they will be missing
+    in every forked worker: e.g. a thread pool a library started at import time)."""
+    try:
+        native = len(os.listdir('/proc/self/task'))
+    except OSError:
+        native = threading.active_count()
+    names = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if native > 1 or names:
+        _log('gte warm process: WARNING: importing the app started %d thread(s) besides the main '
+             'one%s; threads do not survive fork(), so forked workers will not have them. Start '
+             'them lazily (on first request) or set preload = false.'
+             % (max(native - 1, len(names)), (' (%s)' % ', '.join(names)) if names else ''))
+
+
+def _become_worker(app, threads, worker_id, sock_path, fds, master_pid, prctl):
+    """In the forked worker: wait to be the master's child, die with it, take the stdio and status
+    channel the master sent, listen, report PID and READY, serve."""
+    status_fd, out_fd, err_fd = fds
+    os.set_inheritable(status_fd, False)
+    deadline = time.monotonic() + 5.0
+    while os.getppid() != master_pid:
+        if os.getppid() == 1 or time.monotonic() > deadline:
+            os._exit(3)  # the master is gone (or we were never handed to it)
+        time.sleep(0.0002)
+    if prctl is not None:
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: never outlive the master
+    if os.getppid() != master_pid:
+        os._exit(0)  # the master died in between
+    os.setpgid(0, 0)  # own process group, like a spawned worker
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    for fd in (out_fd, err_fd):
+        if fd > 2:
+            os.close(fd)
+    os.environ['GTE_WORKER_ID'] = worker_id
+    os.environ['GTE_SOCKET'] = sock_path
+    _state.ppid = master_pid
+    _write_all(status_fd, b'PID %d\n' % os.getpid())
+    try:
+        lsock = _listen(sock_path)
+    except BaseException:
+        _report_failure(status_fd)
+    _report_ready(status_fd)
+    _serve(app, lsock, threads)
+
+
+def _flush_stdio():
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
+
+
+def _exit_flush(code):
+    _flush_stdio()
     os._exit(code)
 
 

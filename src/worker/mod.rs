@@ -8,10 +8,11 @@
 
 pub mod protocol;
 pub mod spawn;
+pub mod warm;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +38,9 @@ pub enum WorkerAddr {
 #[derive(Debug)]
 pub struct WorkerInfo {
     pub id: WorkerId,
-    pub pid: u32,
+    /// The process id; 0 until known (a worker forked by the warm process reports it once it
+    /// runs). Set once.
+    pid: AtomicU32,
     pub addr: WorkerAddr,
     /// Per-request timeout for this worker's generation.
     pub timeout: Duration,
@@ -63,7 +66,7 @@ impl WorkerInfo {
     ) -> Self {
         WorkerInfo {
             id,
-            pid,
+            pid: AtomicU32::new(pid),
             addr,
             timeout,
             budget,
@@ -72,6 +75,16 @@ impl WorkerInfo {
             live_slots: AtomicUsize::new(0),
             events,
         }
+    }
+
+    /// The worker's process id (0 while a forked worker has not reported it yet).
+    pub fn pid(&self) -> u32 {
+        self.pid.load(Ordering::Relaxed)
+    }
+
+    /// Records the pid of a forked worker once it is known.
+    pub fn set_pid(&self, pid: u32) {
+        self.pid.store(pid, Ordering::Relaxed);
     }
 
     /// Creates `n` fresh slots (no connection yet: the proxy connects on first use).

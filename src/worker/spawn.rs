@@ -136,66 +136,17 @@ pub fn spawn_worker(cfg: &Config, id: WorkerId, ctx: &SpawnContext<'_>) -> io::R
             )
         }
     };
-    cmd.current_dir(&cfg.app.chdir)
-        .env("PYTHONUNBUFFERED", "1")
-        .envs(&cfg.app.env)
-        .stdin(Stdio::null())
-        .kill_on_drop(false);
-    let per_worker = (crate::config::usable_cpus() / cfg.workers.count.max(1)).max(1);
-    for var in THREAD_VARS {
-        if !cfg.app.env.contains_key(*var) && std::env::var_os(var).is_none() {
-            cmd.env(var, per_worker.to_string());
-        }
-    }
-    if cfg.log.capture_output {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    } else {
-        cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
-    }
     let status_fd = status_child.as_ref().map(|(_, fd)| fd.as_raw_fd());
-    let master_pid = ctx.master_pid as i32;
-    // SAFETY: only async-signal-safe calls (prctl, getppid, setpgid, dup2, fcntl, _exit) between
-    // fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Die with the master, even when it is SIGKILLed.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() != master_pid {
-                libc::_exit(1);
-            }
-            // Own process group: a terminal's Ctrl-C reaches the master only, which stops workers
-            // in order; and a `command` worker's helpers can be signalled as a group.
-            libc::setpgid(0, 0);
-            if let Some(fd) = status_fd {
-                if fd == 3 {
-                    let flags = libc::fcntl(fd, libc::F_GETFD);
-                    libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-                } else if libc::dup2(fd, 3) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    prepare_command(
+        &mut cmd,
+        cfg,
+        ctx.master_pid,
+        status_fd.map(|fd| (fd, 3)),
+        None,
+    );
     let mut child = cmd.spawn()?;
     let pid = child.id().unwrap_or(0);
-    let recent: RecentOutput = Arc::new(Mutex::new(VecDeque::new()));
-    if cfg.log.capture_output {
-        if let Some(out) = child.stdout.take() {
-            tokio::spawn(copy_output(BufReader::new(out), id, pid, "stdout", None));
-        }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(copy_output(
-                BufReader::new(err),
-                id,
-                pid,
-                "stderr",
-                Some(recent.clone()),
-            ));
-        }
-    }
+    let recent = capture_child_output(&mut child, id, pid);
     let events = ctx.events.clone();
     let ready_timeout = cfg.app.ready_timeout;
     match status_child {
@@ -215,7 +166,82 @@ pub fn spawn_worker(cfg: &Config, id: WorkerId, ctx: &SpawnContext<'_>) -> io::R
     Ok(Spawned { pid, addr })
 }
 
-async fn copy_output<R: tokio::io::AsyncBufRead + Unpin>(
+/// What every Python or command process the master starts gets: the app directory, the app's
+/// environment, per-worker thread-pool sizes, stdio, death with the master, its own process group,
+/// and the inherited descriptors `(fd, number in the child)` (at most two: status, control).
+pub(crate) fn prepare_command(
+    cmd: &mut Command,
+    cfg: &Config,
+    master_pid: u32,
+    fd_a: Option<(i32, i32)>,
+    fd_b: Option<(i32, i32)>,
+) {
+    cmd.current_dir(&cfg.app.chdir)
+        .env("PYTHONUNBUFFERED", "1")
+        .envs(&cfg.app.env)
+        .stdin(Stdio::null())
+        .kill_on_drop(false);
+    let per_worker = (crate::config::usable_cpus() / cfg.workers.count.max(1)).max(1);
+    for var in THREAD_VARS {
+        if !cfg.app.env.contains_key(*var) && std::env::var_os(var).is_none() {
+            cmd.env(var, per_worker.to_string());
+        }
+    }
+    if cfg.log.capture_output {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    } else {
+        cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+    }
+    let master_pid = master_pid as i32;
+    // SAFETY: only async-signal-safe calls (prctl, getppid, setpgid, dup2, fcntl, _exit) between
+    // fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Die with the master, even when it is SIGKILLed.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != master_pid {
+                libc::_exit(1);
+            }
+            // Own process group: a terminal's Ctrl-C reaches the master only, which stops workers
+            // in order; and a `command` worker's helpers can be signalled as a group.
+            libc::setpgid(0, 0);
+            // The targets (3, 4) are above stdio and the sources are CLOEXEC descriptors the
+            // master made, so a dup2 never clobbers the other source unless it is the target.
+            for (fd, target) in [fd_a, fd_b].into_iter().flatten() {
+                if fd == target {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                } else if libc::dup2(fd, target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Starts the tasks copying a spawned child's stdout and stderr (when captured) into the error
+/// log; returns the buffer of its last stderr lines.
+pub(crate) fn capture_child_output(child: &mut Child, id: WorkerId, pid: u32) -> RecentOutput {
+    let recent: RecentOutput = Arc::new(Mutex::new(VecDeque::new()));
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(copy_output(BufReader::new(out), id, pid, "stdout", None));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(copy_output(
+            BufReader::new(err),
+            id,
+            pid,
+            "stderr",
+            Some(recent.clone()),
+        ));
+    }
+    recent
+}
+
+pub(crate) async fn copy_output<R: tokio::io::AsyncBufRead + Unpin>(
     mut r: R,
     id: WorkerId,
     pid: u32,
@@ -244,14 +270,14 @@ async fn copy_output<R: tokio::io::AsyncBufRead + Unpin>(
     }
 }
 
-/// Reads the bundled worker's status channel ("READY\n" or "FAILED\n" + traceback), then waits for exit.
-async fn watch_wsgi(
-    mut child: Child,
-    id: WorkerId,
-    mut status: tokio::net::UnixStream,
+/// Reads a bundled worker's status channel: an optional `PID n\n` line (workers forked by the
+/// warm process), then `READY\n`, or `FAILED\n` and a traceback, or EOF, bounded by
+/// `ready_timeout`. `on_pid` is called as soon as the pid line arrives.
+pub(crate) async fn read_status(
+    status: &mut tokio::net::UnixStream,
     ready_timeout: Duration,
-    events: UnboundedSender<Event>,
-) {
+    mut on_pid: impl FnMut(u32),
+) -> Result<(), String> {
     let mut buf = Vec::new();
     let read = tokio::time::timeout(ready_timeout, async {
         let mut chunk = [0u8; 4096];
@@ -260,6 +286,18 @@ async fn watch_wsgi(
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     buf.extend_from_slice(&chunk[..n]);
+                    if buf.starts_with(b"PID ") {
+                        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                            let pid = std::str::from_utf8(&buf[4..end])
+                                .ok()
+                                .and_then(|t| t.trim().parse::<u32>().ok());
+                            buf.drain(..=end);
+                            match pid {
+                                Some(pid) if pid > 1 => on_pid(pid),
+                                _ => break,
+                            }
+                        }
+                    }
                     if buf.starts_with(b"READY\n") {
                         break;
                     }
@@ -268,7 +306,7 @@ async fn watch_wsgi(
         }
     })
     .await;
-    let result = if buf.starts_with(b"READY\n") {
+    if buf.starts_with(b"READY\n") {
         Ok(())
     } else if read.is_err() {
         Err(format!(
@@ -279,11 +317,25 @@ async fn watch_wsgi(
         Err(String::from_utf8_lossy(tb).trim_end().to_string())
     } else {
         Err("the worker exited before it was ready (no traceback was reported)".to_string())
-    };
+    }
+}
+
+/// Reads the bundled worker's status channel ("READY\n" or "FAILED\n" + traceback), then waits for exit.
+async fn watch_wsgi(
+    mut child: Child,
+    id: WorkerId,
+    mut status: tokio::net::UnixStream,
+    ready_timeout: Duration,
+    events: UnboundedSender<Event>,
+) {
+    let result = read_status(&mut status, ready_timeout, |_| {}).await;
     drop(status);
     let _ = events.send(Event::WorkerLoaded { id, result });
     if let Ok(status) = child.wait().await {
-        let _ = events.send(Event::WorkerExited { id, status });
+        let _ = events.send(Event::WorkerExited {
+            id,
+            status: Some(status),
+        });
     }
 }
 
@@ -307,7 +359,7 @@ async fn watch_command(
                 let msg = format!("the command exited ({how}) before listening on {addr}\n{tail}");
                 let _ = events.send(Event::WorkerLoaded { id, result: Err(msg.trim_end().to_string()) });
                 if let Ok(status) = st {
-                    let _ = events.send(Event::WorkerExited { id, status });
+                    let _ = events.send(Event::WorkerExited { id, status: Some(status) });
                 }
                 return;
             }
@@ -325,6 +377,9 @@ async fn watch_command(
     };
     let _ = events.send(Event::WorkerLoaded { id, result });
     if let Ok(status) = child.wait().await {
-        let _ = events.send(Event::WorkerExited { id, status });
+        let _ = events.send(Event::WorkerExited {
+            id,
+            status: Some(status),
+        });
     }
 }

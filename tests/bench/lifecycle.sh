@@ -18,6 +18,7 @@ pidfile = "$work/gte.pid"
 wsgi = "apps:hello"
 chdir = "$apps"
 python = "python3"
+${PRELOAD:+preload = true}
 [workers]
 count = 4
 timeout = 1
