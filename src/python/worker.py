@@ -23,6 +23,7 @@ Layout of this file:
 import atexit
 import errno
 import faulthandler
+import gc
 import importlib
 import io
 import os
@@ -884,6 +885,10 @@ def _warm_main(status_fd):
     except Exception:
         prctl = None
     _warn_threads_at_import()
+    # Everything imported so far is moved out of the collector's reach (gc.freeze): a forked
+    # worker's collections then never touch -- and so never copy -- the shared pages.
+    gc.collect()
+    gc.freeze()
     _report_ready(status_fd)
     master_pid = _state.ppid
     fd_size = struct.calcsize('i')
