@@ -222,6 +222,7 @@ pub struct RawWorkers {
     pub count: Option<Count>,
     pub threads: Option<i64>,
     pub connections: Option<i64>,
+    pub pipeline: Option<i64>,
     pub queue: Option<i64>,
     pub timeout: Option<Dur>,
     pub graceful_timeout: Option<Dur>,
@@ -328,6 +329,9 @@ pub struct WorkersConfig {
     pub count_auto: bool,
     pub threads: usize,
     pub connections: usize,
+    /// Requests a single-threaded bundled worker may hold at once (1 = strictly one): the
+    /// extra ones wait in its socket, sent only when no worker is idle and this one is fast.
+    pub pipeline: usize,
     pub queue: usize,
     pub timeout: Duration,
     pub graceful_timeout: Duration,
@@ -356,9 +360,25 @@ pub struct LogConfig {
 }
 
 impl WorkersConfig {
-    /// Requests one worker may have in flight: threads for the bundled worker, connections for a command.
+    /// Requests one worker really serves at the same time (threads, or a command's connections),
+    /// without the extra requests pipelining lets wait in its socket.
+    pub fn concurrency(&self, app: &AppKind) -> usize {
+        match app {
+            AppKind::Wsgi { .. } => self.threads,
+            AppKind::Command(_) => self.connections,
+        }
+    }
+
+    /// Whether a worker of this configuration is sent requests ahead (pipelining).
+    pub fn pipelined(&self, app: &AppKind) -> bool {
+        self.slots_per_worker(app) > self.concurrency(app)
+    }
+
+    /// Requests one worker may hold: threads (or `pipeline` for a single-threaded bundled
+    /// worker), connections for a command.
     pub fn slots_per_worker(&self, app: &AppKind) -> usize {
         match app {
+            AppKind::Wsgi { .. } if self.threads == 1 => self.pipeline,
             AppKind::Wsgi { .. } => self.threads,
             AppKind::Command(_) => self.connections,
         }
@@ -653,6 +673,7 @@ impl RawConfig {
         };
         let threads = int_in("threads", w.threads, 1, 1, 1024)? as usize;
         let connections = int_in("connections", w.connections, 1000, 1, 100_000)? as usize;
+        let pipeline = int_in("pipeline", w.pipeline, 2, 1, 8)? as usize;
         let queue = int_in("queue", w.queue, 1024, 0, 1_000_000)? as usize;
         let max_requests = int_in("max_requests", w.max_requests, 0, 0, i64::MAX)? as u64;
         let max_requests_jitter =
@@ -852,6 +873,7 @@ impl RawConfig {
                 count_auto,
                 threads,
                 connections,
+                pipeline,
                 queue,
                 timeout,
                 graceful_timeout,
@@ -1006,6 +1028,7 @@ impl Config {
         );
         line("workers.threads", w.threads.to_string());
         line("workers.connections", w.connections.to_string());
+        line("workers.pipeline", w.pipeline.to_string());
         line("workers.queue", w.queue.to_string());
         line("workers.timeout", format!("{}s", w.timeout.as_secs_f64()));
         line(

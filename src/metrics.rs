@@ -96,7 +96,8 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric; `slots_per_worker` is 1 for sync workers.
+    /// Registers every metric; `slots_per_worker` is the concurrency of one worker (1 for sync
+    /// workers, even when pipelining lets a second request wait in their socket).
     pub fn new(slots_per_worker: usize) -> Self {
         let mut registry = Registry::default();
         let requests_family = Family::<Labels2, Counter>::default();

@@ -1199,7 +1199,7 @@ impl Master {
         self.generation += 1;
         // metrics hook
         if let Some(m) = &self.shared.metrics {
-            m.config_reloaded(self.generation, new.workers.slots_per_worker(&new.app.kind));
+            m.config_reloaded(self.generation, new.workers.concurrency(&new.app.kind));
         }
         self.desired = new.workers.count;
         self.shared.pool.set_queue_limit(new.workers.queue);
@@ -1248,14 +1248,17 @@ impl Master {
                 } else {
                     w.max_requests + rand::thread_rng().gen_range(0..=w.max_requests_jitter)
                 };
-                let info = Arc::new(WorkerInfo::new(
-                    id,
-                    sp.pid,
-                    sp.addr,
-                    w.timeout,
-                    budget,
-                    self.events_tx.clone(),
-                ));
+                let info = Arc::new(
+                    WorkerInfo::new(
+                        id,
+                        sp.pid,
+                        sp.addr,
+                        w.timeout,
+                        budget,
+                        self.events_tx.clone(),
+                    )
+                    .with_pipelining(w.pipelined(&self.cfg.app.kind)),
+                );
                 tracing::info!(
                     worker = id,
                     pid = sp.pid,

@@ -92,7 +92,7 @@ impl Shared {
     pub fn new(cfg: &Config, access: AccessLog) -> Self {
         let metrics = cfg.metrics.map(|_| {
             Arc::new(crate::metrics::Metrics::new(
-                cfg.workers.slots_per_worker(&cfg.app.kind),
+                cfg.workers.concurrency(&cfg.app.kind),
             ))
         });
         Shared {
@@ -264,8 +264,26 @@ pub async fn handle(
     if protocol::encode_request(&mut frame, &facts).is_err() {
         return Ok(shared.reject(StatusCode::BAD_REQUEST, record));
     }
+    // RFC 9110 §9.2.2: these may be sent again when the first worker died without answering.
+    let idempotent = matches!(
+        parts.method,
+        ::http::Method::GET
+            | ::http::Method::HEAD
+            | ::http::Method::PUT
+            | ::http::Method::DELETE
+            | ::http::Method::OPTIONS
+            | ::http::Method::TRACE
+    );
     drop(parts);
-    Ok(wire::forward(&shared, Bytes::from(frame), chunks, record, timeout).await)
+    Ok(wire::forward(
+        &shared,
+        Bytes::from(frame),
+        chunks,
+        record,
+        timeout,
+        idempotent,
+    )
+    .await)
 }
 
 /// Binds the public listener.

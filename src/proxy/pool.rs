@@ -3,13 +3,18 @@
 //! to `queue` waiters, then 503). A returned slot goes straight to the oldest waiter. There is no
 //! round robin: a sync worker has exactly one slot, so a slow request never has a fast one queued
 //! behind it on the same worker while another worker sits idle.
+//!
+//! Pipelining (`[workers] pipeline` > 1): a single-threaded worker then has more than one slot.
+//! A slot of a worker that is already busy is handed out only when no worker is idle and that
+//! worker has been fast ([`WorkerInfo::is_fast`]); the request then waits in the worker's socket
+//! instead of in this queue, which saves the worker a wake-up between requests.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use tokio::sync::oneshot;
 
-use crate::worker::{Slot, WorkerId};
+use crate::worker::{Slot, WorkerId, WorkerInfo};
 
 /// Why no slot could be had.
 #[derive(Debug, PartialEq, Eq)]
@@ -45,6 +50,12 @@ impl IdlePool {
         }
     }
 
+    /// Whether a slot of `w` may be handed out now: its worker is idle, or busy but fast (or its
+    /// slots are threads, not pipelining).
+    fn eligible(w: &WorkerInfo) -> bool {
+        !w.is_pipelined() || w.busy() == 0 || w.is_fast()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave it inconsistent (plain pushes and pops).
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -55,11 +66,30 @@ impl IdlePool {
         let rx = {
             let mut retired = Vec::new();
             let mut g = self.lock();
-            while let Some(slot) = g.idle.pop() {
-                if slot.worker.is_retiring() {
-                    retired.push(slot);
+            // Most recently returned first (its worker is warm): an idle worker's slot if there is
+            // one, else a slot of a busy worker that is fast.
+            let mut pick = None;
+            let mut i = g.idle.len();
+            while i > 0 {
+                i -= 1;
+                let w = &g.idle[i].worker;
+                if w.is_retiring() {
+                    retired.push(g.idle.remove(i));
+                    pick = pick.map(|p: usize| p - 1);
                     continue;
                 }
+                if w.busy() == 0 || !w.is_pipelined() {
+                    // (threads and command connections: any idle slot, most recent first)
+                    pick = Some(i);
+                    break;
+                }
+                if pick.is_none() && w.is_fast() {
+                    pick = Some(i);
+                }
+            }
+            if let Some(i) = pick {
+                let mut slot = g.idle.remove(i);
+                slot.mark_taken();
                 drop(g);
                 drop(retired);
                 return Ok(slot);
@@ -86,11 +116,18 @@ impl IdlePool {
             return;
         }
         let mut slot = slot;
+        slot.mark_idle();
         let mut g = self.lock();
-        while let Some(w) = g.waiters.pop_front() {
-            match w.send(slot) {
-                Ok(()) => return,
-                Err(back) => slot = back,
+        if Self::eligible(&slot.worker) {
+            while let Some(w) = g.waiters.pop_front() {
+                slot.mark_taken();
+                match w.send(slot) {
+                    Ok(()) => return,
+                    Err(mut back) => {
+                        back.mark_idle();
+                        slot = back;
+                    }
+                }
             }
         }
         g.idle.push(slot);
@@ -115,11 +152,16 @@ impl IdlePool {
         drop(removed);
     }
 
-    /// Takes one idle slot of worker `id`, if it has one (for a health probe).
+    /// Takes one idle slot of worker `id` if the worker is entirely idle (for a health probe: a
+    /// worker busy with a request is never probed, even through a spare pipelining slot).
     pub fn take_idle_of(&self, id: WorkerId) -> Option<Slot> {
         let mut g = self.lock();
-        let pos = g.idle.iter().position(|s| s.worker.id == id)?;
-        Some(g.idle.swap_remove(pos))
+        let pos = g.idle.iter().position(|s| {
+            s.worker.id == id && (s.worker.busy() == 0 || !s.worker.is_pipelined())
+        })?;
+        let mut slot = g.idle.swap_remove(pos);
+        slot.mark_taken();
+        Some(slot)
     }
 
     pub fn set_queue_limit(&self, n: usize) {
@@ -261,5 +303,41 @@ mod tests {
             rx1.try_recv(),
             Ok(crate::event::Event::WorkerDrained { id: 1 })
         ));
+    }
+
+    #[tokio::test]
+    async fn busy_worker_slot_only_when_no_worker_is_idle_and_it_is_fast() {
+        let pool = Arc::new(IdlePool::new(8));
+        let (a, _ra) = worker(1);
+        let (b, _rb) = worker(2);
+        let a = Arc::new(Arc::into_inner(a).unwrap().with_pipelining(true));
+        let b = Arc::new(Arc::into_inner(b).unwrap().with_pipelining(true));
+        pool.add(a.make_slots(2));
+        pool.add(b.make_slots(2));
+        // No service time known yet: not fast.
+        let s1 = pool.acquire().await.unwrap();
+        let s2 = pool.acquire().await.unwrap();
+        assert_ne!(s1.worker.id, s2.worker.id, "an idle worker first");
+        let p2 = pool.clone();
+        let waiter = tokio::spawn(async move { p2.acquire().await.map(|s| s.worker.id) });
+        while pool.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Both busy and of unknown speed: the third request waits in the queue.
+        assert!(!waiter.is_finished());
+        // Worker of s1 is fast now; its spare slot may be used (the waiter gets it on release
+        // of that worker's busy slot, or a new request takes the spare one).
+        s1.worker.record_service(Duration::from_micros(100));
+        s2.worker.record_service(Duration::from_millis(50));
+        let fast_id = s1.worker.id;
+        pool.release(s1);
+        assert_eq!(waiter.await.unwrap(), Ok(fast_id));
+        let s3 = pool.acquire().await.unwrap();
+        assert_eq!(
+            s3.worker.id, fast_id,
+            "the slow worker's spare slot is never used"
+        );
+        // A health probe never takes a spare slot of a busy worker.
+        assert!(pool.take_idle_of(s2.worker.id).is_none());
     }
 }

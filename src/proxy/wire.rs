@@ -114,33 +114,30 @@ async fn connect(addr: &WorkerAddr) -> io::Result<WireConn> {
     }
 }
 
-/// Sends `request` (the `R` frame) and `body` to an idle bundled worker and returns the response.
-pub async fn forward(
+/// Takes an idle slot with an open connection to its worker (connecting on first use).
+async fn take_connected(
     shared: &Arc<Shared>,
-    request: Bytes,
-    body: Vec<Bytes>,
-    mut record: Option<AccessRecord>,
-    timeout: Option<std::time::Duration>,
-) -> Response<ProxyBody> {
+    record: &mut Option<AccessRecord>,
+) -> Result<(Slot, WireConn), StatusCode> {
     let mut attempts = 0;
     if let Some(r) = record.as_mut() {
         r.queue_enter();
     }
-    let (slot, mut conn) = loop {
+    loop {
         let slot = match shared.pool.acquire().await {
             Ok(s) => s,
-            Err(_) => return shared.reject(StatusCode::SERVICE_UNAVAILABLE, record),
+            Err(_) => return Err(StatusCode::SERVICE_UNAVAILABLE),
         };
         if let Some(r) = record.as_mut() {
             r.queue_leave();
         }
         let mut hold = SlotHold::new(&shared.pool, slot);
         match hold.get().conn.take() {
-            Some(Conn::Wire(c)) => break (hold.take(), c),
+            Some(Conn::Wire(c)) => return Ok((hold.take(), c)),
             _ => {
                 let addr = hold.get().worker.addr.clone();
                 match connect(&addr).await {
-                    Ok(c) => break (hold.take(), c),
+                    Ok(c) => return Ok((hold.take(), c)),
                     Err(e) => {
                         // Nothing was sent: safe to try another worker.
                         let slot = hold.take();
@@ -151,15 +148,64 @@ pub async fn forward(
                         drop(slot);
                         attempts += 1;
                         if attempts >= 3 {
-                            return shared.reject(StatusCode::BAD_GATEWAY, record);
+                            return Err(StatusCode::BAD_GATEWAY);
                         }
                     }
                 }
             }
         }
-    };
-    conn.out.push_back(request);
-    conn.out.extend(body);
+    }
+}
+
+/// Sends `request` (the `R` frame) and `body` to an idle bundled worker and returns the response.
+/// `idempotent`: the request may be sent again to another worker if it was waiting behind
+/// another request (pipelining) on a worker that died before answering it.
+pub async fn forward(
+    shared: &Arc<Shared>,
+    request: Bytes,
+    body: Vec<Bytes>,
+    mut record: Option<AccessRecord>,
+    timeout: Option<std::time::Duration>,
+    idempotent: bool,
+) -> Response<ProxyBody> {
+    let mut resent = false;
+    loop {
+        let (mut slot, mut conn) = match take_connected(shared, &mut record).await {
+            Ok(x) => x,
+            Err(status) => return shared.reject(status, record),
+        };
+        // Sent ahead to a busy worker: it waits in the worker's socket behind another request.
+        let queued_behind = slot.worker.busy() > 1;
+        let may_resend = queued_behind && idempotent && !resent;
+        conn.out.push_back(request.clone());
+        conn.out.extend(body.iter().cloned());
+        slot.sent_at = Some(std::time::Instant::now());
+        match exchange(shared, slot, conn, record, timeout, may_resend).await {
+            Exchange::Done(resp) => return resp,
+            Exchange::Resend(r) => {
+                resent = true;
+                record = *r;
+            }
+        }
+    }
+}
+
+/// How one attempt ended.
+enum Exchange {
+    Done(Response<ProxyBody>),
+    /// The worker died before answering a request that was waiting behind another one: send it
+    /// again (with its access record).
+    Resend(Box<Option<AccessRecord>>),
+}
+
+async fn exchange(
+    shared: &Arc<Shared>,
+    slot: Slot,
+    conn: WireConn,
+    record: Option<AccessRecord>,
+    timeout: Option<std::time::Duration>,
+    may_resend: bool,
+) -> Exchange {
     let timeout = timeout.unwrap_or(slot.worker.timeout);
     let deadline = Instant::now() + timeout;
 
@@ -173,20 +219,41 @@ pub async fn forward(
         let (_, conn) = inflight.parts.as_mut().expect("parts present");
         tokio::time::timeout_at(deadline, conn.next_frame()).await
     };
-    let (mut slot, mut conn) = inflight.parts.take().expect("parts present");
+    let (slot, conn) = inflight.parts.take().expect("parts present");
     let start = match head {
         Ok(Ok(Frame::Start(p))) => p,
         Ok(Ok(other)) => {
-            return fail(
+            return Exchange::Done(fail(
                 shared,
                 slot,
                 &format!("expected a start frame, got {other:?}"),
                 record,
-            )
+            ))
         }
-        Ok(Err(e)) => return fail(shared, slot, &e.to_string(), record),
-        Err(_) => return timed_out(shared, slot, record),
+        Ok(Err(e @ (WireError::Eof | WireError::Io(_)))) if may_resend => {
+            tracing::warn!(worker = slot.worker.id, pid = slot.worker.pid(), error = %e, "the worker died with a request waiting behind another; sending that request to another worker");
+            slot.worker.report(Event::WorkerMisbehaved {
+                id: slot.worker.id,
+                what: e.to_string(),
+            });
+            return Exchange::Resend(Box::new(record));
+        }
+        Ok(Err(e)) => return Exchange::Done(fail(shared, slot, &e.to_string(), record)),
+        Err(_) => return Exchange::Done(timed_out(shared, slot, record)),
     };
+    Exchange::Done(respond(shared, slot, conn, start, record, timeout))
+}
+
+/// Builds the client's response from a worker's start frame: at once when the whole response is
+/// already buffered, else streamed by a pump task.
+fn respond(
+    shared: &Arc<Shared>,
+    mut slot: Slot,
+    mut conn: WireConn,
+    start: Bytes,
+    mut record: Option<AccessRecord>,
+    timeout: std::time::Duration,
+) -> Response<ProxyBody> {
     let (status, reason, headers) = match protocol::parse_start(&start) {
         Ok(x) => x,
         Err(e) => return fail(shared, slot, &e.0, record),
@@ -301,6 +368,9 @@ impl Drop for InFlight<'_> {
 
 /// The exchange ended cleanly: count it, give the slot (with its connection) back.
 fn finish(shared: &Shared, mut slot: Slot, conn: WireConn) {
+    if let Some(t) = slot.sent_at.take() {
+        slot.worker.record_service(t.elapsed());
+    }
     if slot.worker.count_request() {
         slot.worker
             .report(Event::BudgetSpent { id: slot.worker.id });

@@ -305,70 +305,126 @@ class _Handler:
             conn.settimeout(None)  # blocking even if the app set socket.setdefaulttimeout()
             self.serve(conn)
 
+    def multiplex_loop(self, lsock):
+        """Single-threaded pipelining (``GTE_CONNECTIONS`` > 1 with one thread): keep several
+        master connections open and serve, one request at a time, whichever has a request
+        waiting.  The master sends a request on a second connection while the first is still in
+        progress only when no worker is idle and this one has been fast (see pool.rs), so the next
+        request is already in the socket when the current one ends: no idle wake-up between
+        them.  The protocol per connection is unchanged (one exchange at a time)."""
+        import select as _select
+        poller = _select.epoll()
+        lsock.setblocking(False)
+        lfd = lsock.fileno()
+        poller.register(lfd, _select.EPOLLIN)
+        poll = poller.poll
+        conns = {}  # fd -> (socket, rfile, sendall)
+        state = _state
+        one_frame = self.one_frame
+        try:
+            while not state.stopping:
+                try:
+                    events = poll(1.0)
+                except InterruptedError:
+                    continue
+                if not events:
+                    if os.getppid() != state.ppid:
+                        _master_gone()
+                    continue
+                for fd, _ in events:
+                    if fd == lfd:
+                        try:
+                            conn, _ = lsock.accept()
+                        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                            continue
+                        except OSError as exc:
+                            _log('accept() failed: %s' % exc)
+                            time.sleep(0.5)
+                            continue
+                        conn.setblocking(True)
+                        conns[conn.fileno()] = (conn, conn.makefile('rb', buffering=_READ_BLOCK),
+                                                conn.sendall)
+                        poller.register(conn.fileno(), _select.EPOLLIN)
+                        continue
+                    conn, rfile, sendall = conns[fd]
+                    self.sock = conn
+                    self.sendall = sendall
+                    self.dead = False
+                    try:
+                        keep = one_frame(rfile)
+                    except OSError:
+                        keep = False
+                    finally:
+                        self.busy = False
+                    if not keep:
+                        poller.unregister(fd)
+                        del conns[fd]
+                        _close_conn(conn, rfile)
+                    if state.stopping:
+                        return
+        finally:
+            self.sock = self.sendall = None
+            poller.close()
+
     def serve(self, conn):
         """Serve the requests arriving on one master connection until EOF, a connection error,
         a protocol error, or a stop request.  Always closes the connection."""
         self.sock = conn
-        self.sendall = sendall = conn.sendall
+        self.sendall = conn.sendall
         self.dead = False
         rfile = conn.makefile('rb', buffering=_READ_BLOCK)
-        # Local aliases for the hot loop.
-        read = rfile.read
-        unpack = _REQUEST_HEADER.unpack
-        new_environ = self.base_environ.copy
-        respond = self.respond
-        fixed_keys = _FIXED_KEYS
-        empty_input = _EMPTY_INPUT
+        one_frame = self.one_frame
         state = _state
         try:
-            while True:
-                head = read(13)
-                if len(head) != 13:
-                    return  # EOF: the master closed the connection
-                kind, meta_len, body_len = unpack(head)
-                if kind != _KIND_REQUEST:
-                    if kind == _KIND_PING and not meta_len and not body_len:
-                        sendall(_P_FRAME)
-                        continue
-                    _log('gtewire protocol error: unexpected frame %r (meta_len=%d, body_len=%d);'
-                         ' closing the connection' % (chr(kind), meta_len, body_len))
-                    return
-                self.busy = True
-                meta = read(meta_len)
-                fields = meta.decode('latin-1').split('\0')
-                n_fields = len(fields)
-                if len(meta) != meta_len or n_fields < 10 or n_fields & 1:
-                    if len(meta) == meta_len:
-                        _log('gtewire protocol error: malformed request meta %r; closing the '
-                             'connection' % (meta[:200],))
-                    return
-                env = new_environ()
-                it = iter(fields)
-                env.update(zip(fixed_keys, it))  # zip stops at the 10th key without overreading
-                env.update(zip(it, it))          # then KEY, VALUE pairs
-                env['wsgi.input'] = inp = Input(rfile, body_len) if body_len else empty_input
-                self.sframe = None
-                self.sent = False
-                if not respond(env):
-                    return
-                if inp.remaining:
-                    # Skip what the app did not read so the next frame starts at the right place.
-                    if not _discard(read, inp.remaining):
-                        return
-                    inp.remaining = 0  # a late read of the stale input object returns b""
-                self.busy = False
-                if state.stopping:
-                    return
+            while one_frame(rfile) and not state.stopping:
+                pass
         except OSError:
             return  # recv()/send() error on the connection: drop it, back to accept()
         finally:
             self.busy = False
             self.sock = self.sendall = None
-            try:
-                rfile.close()
-                conn.close()
-            except OSError:
-                pass
+            _close_conn(conn, rfile)
+
+    def one_frame(self, rfile):
+        """Read and answer one frame (a request or a ping) of the current connection.  Returns
+        True when the connection can carry another one; False on EOF or a protocol error."""
+        read = rfile.read
+        head = read(13)
+        if len(head) != 13:
+            return False  # EOF: the master closed the connection
+        kind, meta_len, body_len = _REQUEST_HEADER.unpack(head)
+        if kind != _KIND_REQUEST:
+            if kind == _KIND_PING and not meta_len and not body_len:
+                self.sendall(_P_FRAME)
+                return True
+            _log('gtewire protocol error: unexpected frame %r (meta_len=%d, body_len=%d);'
+                 ' closing the connection' % (chr(kind), meta_len, body_len))
+            return False
+        self.busy = True
+        meta = read(meta_len)
+        fields = meta.decode('latin-1').split('\0')
+        n_fields = len(fields)
+        if len(meta) != meta_len or n_fields < 10 or n_fields & 1:
+            if len(meta) == meta_len:
+                _log('gtewire protocol error: malformed request meta %r; closing the '
+                     'connection' % (meta[:200],))
+            return False
+        env = self.base_environ.copy()
+        it = iter(fields)
+        env.update(zip(_FIXED_KEYS, it))  # zip stops at the 10th key without overreading
+        env.update(zip(it, it))           # then KEY, VALUE pairs
+        env['wsgi.input'] = inp = Input(rfile, body_len) if body_len else _EMPTY_INPUT
+        self.sframe = None
+        self.sent = False
+        if not self.respond(env):
+            return False
+        if inp.remaining:
+            # Skip what the app did not read so the next frame starts at the right place.
+            if not _discard(read, inp.remaining):
+                return False
+            inp.remaining = 0  # a late read of the stale input object returns b""
+        self.busy = False
+        return True
 
     # -- one request ----------------------------------------------------------------------------
 
@@ -599,6 +655,14 @@ class _Handler:
             n -= k
 
 
+def _close_conn(conn, rfile):
+    try:
+        rfile.close()
+        conn.close()
+    except OSError:
+        pass
+
+
 def _discard(read, n):
     """Read and drop n bytes of the connection; False on EOF."""
     while n > 0:
@@ -630,6 +694,7 @@ class _state:
     ppid = 0           # the master's pid, to notice it dying
     handlers = ()      # the _Handler of every request thread (their .busy flags)
     wake = None        # threading.Event waking the main thread (GTE_THREADS > 1)
+    multiplex = False  # one thread serving several connections (GTE_CONNECTIONS > 1)
 
 
 def _exit_graceful(code=0):
@@ -675,7 +740,10 @@ def _on_fast_exit(signum, frame):
 def _run_request_loop(handler, lsock):
     """Body of a request thread (or of the main thread when GTE_THREADS=1)."""
     try:
-        handler.accept_loop(lsock)
+        if _state.multiplex:
+            handler.multiplex_loop(lsock)
+        else:
+            handler.accept_loop(lsock)
     except SystemExit as exc:  # sys.exit() called by the application
         code = exc.code
         if code is None:
@@ -842,6 +910,7 @@ def _serve(app, lsock, threads):
 
     if threads == 1:
         # The main thread serves; the accept timeout lets it notice a dead master when idle.
+        _state.multiplex = int(os.environ.get('GTE_CONNECTIONS') or '1') > 1
         lsock.settimeout(1.0)
         _run_request_loop(handlers[0], lsock)
         _exit_graceful(0)  # only returns on SIGTERM after the request in progress finished

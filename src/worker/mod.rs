@@ -52,6 +52,13 @@ pub struct WorkerInfo {
     pub retiring: AtomicBool,
     /// Slots of this worker that still exist (idle or in use).
     live_slots: AtomicUsize,
+    /// Slots of this worker taken by a request or a probe right now.
+    busy: AtomicUsize,
+    /// Moving average of its recent service times (request sent → response end), nanoseconds.
+    service_ewma_ns: AtomicU64,
+    /// Single-threaded with more slots than threads: a busy worker gets a request ahead only
+    /// when it is fast (see the pool).
+    pipelined: bool,
     events: UnboundedSender<Event>,
 }
 
@@ -73,8 +80,21 @@ impl WorkerInfo {
             served: AtomicU64::new(0),
             retiring: AtomicBool::new(false),
             live_slots: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            service_ewma_ns: AtomicU64::new(u64::MAX),
+            pipelined: false,
             events,
         }
+    }
+
+    /// Marks a worker whose extra slots are for pipelining, not for threads.
+    pub fn with_pipelining(mut self, on: bool) -> Self {
+        self.pipelined = on;
+        self
+    }
+
+    pub fn is_pipelined(&self) -> bool {
+        self.pipelined
     }
 
     /// The worker's process id (0 while a forked worker has not reported it yet).
@@ -94,6 +114,8 @@ impl WorkerInfo {
             .map(|_| Slot {
                 worker: Arc::clone(self),
                 conn: None,
+                taken: false,
+                sent_at: None,
             })
             .collect()
     }
@@ -112,6 +134,29 @@ impl WorkerInfo {
     pub fn count_request(&self) -> bool {
         let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
         self.budget != 0 && n == self.budget
+    }
+
+    /// Slots of this worker in use.
+    pub fn busy(&self) -> usize {
+        self.busy.load(Ordering::Relaxed)
+    }
+
+    /// Whether a request may wait behind the one this worker is serving: its recent requests
+    /// were all quick (a moving average under [`PIPELINE_MAX_SERVICE`]).
+    pub fn is_fast(&self) -> bool {
+        self.service_ewma_ns.load(Ordering::Relaxed) < PIPELINE_MAX_SERVICE.as_nanos() as u64
+    }
+
+    /// Folds one service time into the moving average (weight 1/8; the first sample sets it).
+    pub fn record_service(&self, took: Duration) {
+        let ns = took.as_nanos().min(u64::MAX as u128 / 2) as u64;
+        let old = self.service_ewma_ns.load(Ordering::Relaxed);
+        let new = if old == u64::MAX {
+            ns
+        } else {
+            old - old / 8 + ns / 8
+        };
+        self.service_ewma_ns.store(new, Ordering::Relaxed);
     }
 
     /// Tells the master something went wrong with this worker.
@@ -148,15 +193,41 @@ pub enum Conn {
     Http(HttpConn),
 }
 
+/// Service time under which a busy single-threaded worker may be sent a request ahead (pipelining).
+pub const PIPELINE_MAX_SERVICE: Duration = Duration::from_millis(2);
+
 /// The right to send one request to one worker.
 #[derive(Debug)]
 pub struct Slot {
     pub worker: Arc<WorkerInfo>,
     pub conn: Option<Conn>,
+    /// Taken out of the idle pool (counted in the worker's `busy`).
+    taken: bool,
+    /// When the current request was sent (for the service-time average).
+    pub sent_at: Option<std::time::Instant>,
+}
+
+impl Slot {
+    /// Marks the slot as in use (the pool calls this when it hands the slot out).
+    pub fn mark_taken(&mut self) {
+        if !self.taken {
+            self.taken = true;
+            self.worker.busy.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Marks the slot as idle again (the pool calls this when it takes the slot back).
+    pub fn mark_idle(&mut self) {
+        if self.taken {
+            self.taken = false;
+            self.worker.busy.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.mark_idle();
         let left = self.worker.live_slots.fetch_sub(1, Ordering::SeqCst) - 1;
         if left == 0 && self.worker.retiring.load(Ordering::SeqCst) {
             self.worker

@@ -105,6 +105,10 @@ pub fn spawn_worker(cfg: &Config, id: WorkerId, ctx: &SpawnContext<'_>) -> io::R
                 .env("GTE_SOCKET", &sock)
                 .env("GTE_STATUS_FD", "3")
                 .env("GTE_THREADS", cfg.workers.threads.to_string())
+                .env(
+                    "GTE_CONNECTIONS",
+                    cfg.workers.slots_per_worker(&cfg.app.kind).to_string(),
+                )
                 .env("GTE_CHDIR", &cfg.app.chdir)
                 .env("GTE_WORKER_ID", id.to_string());
             (

@@ -61,6 +61,10 @@ pub fn spawn_warm(cfg: &Config, ctx: &SpawnContext<'_>) -> io::Result<Warm> {
         .env("GTE_STATUS_FD", "3")
         .env("GTE_CONTROL_FD", "4")
         .env("GTE_THREADS", cfg.workers.threads.to_string())
+        .env(
+            "GTE_CONNECTIONS",
+            cfg.workers.slots_per_worker(&cfg.app.kind).to_string(),
+        )
         .env("GTE_CHDIR", &cfg.app.chdir)
         .env("GTE_WORKER_ID", "warm");
     let status_fd = OwnedFd::from(status_child);

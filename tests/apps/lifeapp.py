@@ -2,7 +2,7 @@
 
 Routes: /pid, /stuck?s=N (sleeps inside stuck_in_model_call, so the timeout traceback names it),
 /health (200, or 500 once /sicken was called in this process), /sicken, /alloc?mb=N (holds N MiB),
-/exit (os._exit mid-request). If the file named by $LIFEAPP_FAIL_IMPORT exists, import fails.
+/exit?s=N (sleeps N seconds, default 0, then os._exit mid-request). If the file named by $LIFEAPP_FAIL_IMPORT exists, import fails.
 """
 import os
 import time
@@ -47,5 +47,6 @@ def app(environ, start_response):
     if path == "/envvar":
         return respond(start_response, os.environ.get(q.get("name", ""), "<unset>"))
     if path == "/exit":
+        time.sleep(float(q.get("s", "0")))
         os._exit(7)
     return respond(start_response, "not found", "404 Not Found")

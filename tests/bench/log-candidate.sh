@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # gte-log-cand.sh PORT WORKERS MODULE:CALLABLE CHDIR PYTHON — like shared/bench/gte-candidate.sh,
 # plus [log] and metrics knobs: ACCESS=file|off (default file), ACCESS_FORMAT (default built-in),
-# METRICS=1 (listener on PORT+1000).
+# METRICS=1 (listener on PORT+1000), GTE_EXTRA_WORKERS (lines added to [workers]).
 set -eu
 port=$1 workers=$2 app=$3 chdir=$4 python=$5
 bin=${GTE_BIN:?GTE_BIN must point at the gte-supervisor binary}
@@ -23,6 +23,7 @@ python = "$python"
 [workers]
 count = $workers
 timeout = 30
+${GTE_EXTRA_WORKERS:-}
 [log]
 level = "warning"
 access = "$access"

@@ -1,0 +1,147 @@
+//! Pipelining (`[workers] pipeline = 2`): a fast, busy single-threaded worker may be sent the next
+//! request ahead, to wait in its socket. These tests show that a fast request never waits behind a
+//! slow one while another worker is idle, that many concurrent requests with bodies come back
+//! intact through multiplexed worker connections, and that a request waiting behind one that
+//! kills its worker is answered by another worker instead of failing.
+
+mod common;
+
+use common::*;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn pid_of(r: &Response) -> u32 {
+    r.text()
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("expected a pid, got {} {:?}", r.status, r.text()))
+}
+
+/// Sends `path` on a fresh connection without waiting for the answer.
+fn send_get(fx: &Fx, path: &str) -> Http {
+    let mut c = fx.srv.connect();
+    let req = c.build("GET", path, &[], b"");
+    c.send(&req);
+    c
+}
+
+#[test]
+fn a_fast_request_never_waits_behind_a_slow_one_while_a_worker_is_idle() {
+    let fx = start_life("pipeline_fair", |c| {
+        c.set("workers", "count", "2")
+            .set("workers", "pipeline", "2")
+    });
+    // Both workers have been fast so far: pipelining would be allowed onto either.
+    for _ in 0..20 {
+        assert_eq!(fx.srv.get("/pid").status, 200);
+    }
+    let mut slow = send_get(&fx, "/stuck?s=2");
+    // Give the slow request time to reach its worker (it is then that worker's only request).
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fast_pids = Vec::new();
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let r = fx.srv.get("/pid");
+        assert_eq!(r.status, 200);
+        assert!(
+            t0.elapsed() < Duration::from_millis(1000),
+            "a fast request took {:?} while a worker was idle",
+            t0.elapsed()
+        );
+        fast_pids.push(pid_of(&r));
+    }
+    let slow_pid = pid_of(&slow.read_response(false).expect("slow response"));
+    assert!(
+        !fast_pids.contains(&slow_pid),
+        "a fast request went to the worker busy with the slow one ({slow_pid}): {fast_pids:?}"
+    );
+}
+
+#[test]
+fn concurrent_requests_with_bodies_come_back_intact() {
+    let fx = start_standard("pipeline_bodies", |c| {
+        c.set("workers", "count", "2")
+            .set("workers", "pipeline", "2")
+    });
+    let port = fx.port;
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut threads = Vec::new();
+    for t in 0..8u32 {
+        let errors = errors.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut c = Http::connect(port);
+            for i in 0..150u32 {
+                let body = format!("thread {t} request {i} ").repeat((i % 7 + 1) as usize);
+                let req = c.build(
+                    "POST",
+                    "/echo",
+                    &[("Content-Type", "application/octet-stream")],
+                    body.as_bytes(),
+                );
+                match c.try_send(&req).and_then(|_| c.read_response(false)) {
+                    Ok(r)
+                        if r.status == 200
+                            && r.json().get("body").str() == Some(body.as_str())
+                            && r.json().get("length").i64() == Some(body.len() as i64) => {}
+                    Ok(r) => {
+                        errors
+                            .lock()
+                            .unwrap()
+                            .push(format!("{t}/{i}: {} {:?}", r.status, r.text()))
+                    }
+                    Err(e) => {
+                        errors.lock().unwrap().push(format!("{t}/{i}: {e}"));
+                        c = Http::connect(port);
+                    }
+                }
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} bad answers: {:?}\n{}",
+        errors.len(),
+        &errors[..errors.len().min(10)],
+        fx.srv.diagnostics()
+    );
+}
+
+#[test]
+fn a_request_waiting_behind_a_crash_is_answered_by_another_worker() {
+    let fx = start_life("pipeline_resend", |c| {
+        c.set("workers", "count", "2")
+            .set("workers", "pipeline", "2")
+    });
+    for _ in 0..20 {
+        assert_eq!(fx.srv.get("/pid").status, 200);
+    }
+    // Both workers busy: one is about to die, the other is slow; neither is idle, both have been
+    // fast, so the next requests are sent ahead to wait in their sockets.
+    let mut dying = send_get(&fx, "/exit?s=0.5");
+    std::thread::sleep(Duration::from_millis(100));
+    let mut slow = send_get(&fx, "/stuck?s=1");
+    std::thread::sleep(Duration::from_millis(100));
+    let mut waiting: Vec<Http> = (0..4).map(|_| send_get(&fx, "/pid")).collect();
+    for (i, c) in waiting.iter_mut().enumerate() {
+        let r = c.read_response(false).expect("response");
+        assert_eq!(
+            r.status,
+            200,
+            "request {i} waiting behind the crash: {} {:?}\n{}",
+            r.status,
+            r.text(),
+            fx.srv.diagnostics()
+        );
+    }
+    assert_eq!(slow.read_response(false).expect("slow").status, 200);
+    assert_eq!(dying.read_response(false).expect("dying").status, 502);
+    fx.srv.wait_error_log_line(
+        "the resend of a request that waited behind the crash",
+        Duration::from_secs(10),
+        |l| l.contains("sending that request to another worker"),
+    );
+}
