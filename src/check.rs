@@ -156,6 +156,7 @@ fn environment(cfg: &Config, r: &mut Report) {
         }
     };
     match &cfg.app.kind {
+        _ if !cfg.pool => r.note("no [app]: no worker pool, only [[process]] entries"),
         AppKind::Wsgi { module, callable } => {
             let python = cfg.python_path();
             let mut cmd = Command::new(&python);

@@ -50,4 +50,10 @@ pub enum Command {
     Stop,
     /// Tell whether a master is running for this configuration.
     Status,
+    /// Restart one [[process]] of the running master (also clears its failed state).
+    Restart {
+        /// The process's `name` in workers.toml.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }
