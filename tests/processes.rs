@@ -1,0 +1,643 @@
+//! `[[process]]` supervision (issue #8) against the real binary and real Python programs
+//! (`tests/apps/sidecar.py`, stdlib only): dependency order on start and reverse order on stop,
+//! restart policies and the start limit, health-triggered restarts, `start_timeout`, sd_notify
+//! readiness, output capture, `status` and `restart NAME`, SIGHUP restarting only changed entries,
+//! and routed prefixes (streamed response, WebSocket). Every test is bounded in time; the
+//! `Server` guard kills what it started by pid.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(30);
+
+/// A test service: its directory, config text pieces and the events file the sidecars write.
+struct Svc {
+    dir: TestDir,
+    port: u16,
+    app: PathBuf,
+    events: PathBuf,
+}
+
+impl Svc {
+    fn new(name: &str) -> Svc {
+        let dir = TestDir::new(name);
+        let app = dir.install_app(&["sidecar.py", "testapp.py"]);
+        let events = dir.join("events.log");
+        Svc {
+            port: free_port(),
+            app,
+            events,
+            dir,
+        }
+    }
+
+    /// Top-level keys and `[log]`; `top` goes before any table.
+    fn head(&self, top: &str) -> String {
+        format!(
+            "bind = \"127.0.0.1:{}\"\npidfile = {}\n{top}\n[log]\nerror = {}\naccess = {}\n",
+            self.port,
+            q(self.dir.join("master.pid").to_str().unwrap()),
+            q(self.dir.join("error.log").to_str().unwrap()),
+            q(self.dir.join("access.log").to_str().unwrap()),
+        )
+    }
+
+    /// A `[[process]]` block running sidecar.py as `name` on `port`.
+    fn process(&self, name: &str, port: u16, args: &[&str], keys: &str) -> String {
+        let mut argv = vec![
+            q(python3().to_str().unwrap()),
+            q("sidecar.py"),
+            q("--name"),
+            q(name),
+            q("--port"),
+            q(port.to_string()),
+            q("--events"),
+            q(self.events.to_str().unwrap()),
+        ];
+        argv.extend(args.iter().map(q));
+        format!(
+            "\n[[process]]\nname = {}\ncommand = [{}]\nchdir = {}\n{keys}\n",
+            q(name),
+            argv.join(", "),
+            q(self.app.to_str().unwrap()),
+        )
+    }
+
+    fn write(&self, text: &str) -> PathBuf {
+        let p = self.dir.join("workers.toml");
+        fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn start(&self, text: &str) -> Server {
+        let cfg = self.write(text);
+        let mut srv = Server::spawn(&self.dir, &cfg, self.port, &self.dir.path);
+        srv.wait_ready(READY_TIMEOUT);
+        srv
+    }
+
+    /// (what, name, pid) of every event so far.
+    fn events(&self) -> Vec<(String, String, u32)> {
+        fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((
+                    w.next()?.to_string(),
+                    w.next()?.to_string(),
+                    w.next()?.parse().ok()?,
+                ))
+            })
+            .collect()
+    }
+
+    fn position(&self, what: &str, name: &str) -> Option<usize> {
+        self.events()
+            .iter()
+            .position(|(w, n, _)| w == what && n == name)
+    }
+
+    fn count(&self, what: &str, name: &str) -> usize {
+        self.events()
+            .iter()
+            .filter(|(w, n, _)| w == what && n == name)
+            .count()
+    }
+
+    fn status(&self) -> String {
+        let cfg = self.dir.join("workers.toml");
+        let out = run_bin(
+            &self.dir,
+            &["status", "-c", cfg.to_str().unwrap()],
+            Duration::from_secs(20),
+        );
+        assert_eq!(out.code(), Some(0), "{}", out.dump());
+        out.stdout
+    }
+
+    /// The status line of process `name`, split in words.
+    fn status_of(&self, name: &str) -> Vec<String> {
+        let s = self.status();
+        s.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no status line for {name}:\n{s}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn pid_of(&self, name: &str) -> Option<u32> {
+        self.status_of(name).get(2).and_then(|p| p.parse().ok())
+    }
+}
+
+fn get(port: u16, path: &str) -> Response {
+    let mut c = Http::connect(port);
+    c.request("GET", path, &[("Connection", "close")], b"")
+}
+
+fn try_get_status(port: u16, path: &str) -> Option<u16> {
+    let mut c = Http::try_connect(port).ok()?;
+    c.try_send(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .ok()?;
+    c.read_response(false).ok().map(|r| r.status)
+}
+
+#[test]
+fn dependencies_start_in_order_pool_waits_and_stop_is_reversed() {
+    let s = Svc::new("proc_order");
+    let (model, ui) = (free_port(), free_port());
+    let text = format!(
+        "{}\n[app]\nwsgi = \"testapp:app\"\nchdir = {}\npython = {}\nafter = [\"model\"]\n\n[workers]\ncount = 1\n{}{}",
+        s.head(""),
+        q(s.app.to_str().unwrap()),
+        q(python3().to_str().unwrap()),
+        s.process(
+            "model",
+            model,
+            &["--healthy-after", "1.5"],
+            &format!(
+                "ready = {{ http = \"http://127.0.0.1:{model}/health\", interval = \"200ms\" }}\nstart_timeout = \"20s\""
+            )
+        ),
+        s.process(
+            "ui",
+            ui,
+            &[],
+            &format!("after = [\"model\"]\nready = {{ tcp = \"127.0.0.1:{ui}\", interval = \"200ms\" }}")
+        ),
+    );
+    let started = Instant::now();
+    let mut srv = s.start(&text);
+    // READY=1 only once the model answered healthy (after its 1.5 s load) and the UI is up.
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    let healthy = s
+        .position("healthy", "model")
+        .expect("model became healthy");
+    let ui_start = s.position("start", "ui").expect("ui started");
+    assert!(
+        healthy < ui_start,
+        "ui must start after model is ready: {:?}",
+        s.events()
+    );
+    // The pool waited for the model too: its worker logged after the model was ready.
+    let log = srv.error_log();
+    let ready_at = log.find("process ready").expect("process ready in the log");
+    let spawned_at = log.find("worker spawned").expect("worker spawned");
+    assert!(
+        ready_at < spawned_at,
+        "pool started before model ready:\n{log}"
+    );
+    assert_eq!(get(s.port, "/").status, 200);
+    assert_eq!(get(ui, "/x").text(), "ui /x\n");
+
+    let st = srv.stop_term();
+    assert_eq!(st.code(), Some(0), "{}", srv.diagnostics());
+    let term_ui = s.position("term", "ui").expect("ui got SIGTERM");
+    let term_model = s.position("term", "model").expect("model got SIGTERM");
+    assert!(
+        term_ui < term_model,
+        "stop must be in reverse order: {:?}",
+        s.events()
+    );
+    let log = srv.error_log();
+    assert!(
+        log.find("stopping process").is_some(),
+        "no stop logged:\n{log}"
+    );
+}
+
+#[test]
+fn restart_policies_and_the_start_limit() {
+    let s = Svc::new("proc_policies");
+    let trigger = s.dir.join("crash-now");
+    let (a, b, c) = (free_port(), free_port(), free_port());
+    let ready = |p: u16| format!("ready = {{ tcp = \"127.0.0.1:{p}\", interval = \"100ms\" }}\n");
+    let text = format!(
+        "{}{}{}{}",
+        s.head(""),
+        s.process(
+            "flappy",
+            a,
+            &["--crash-if", trigger.to_str().unwrap()],
+            &format!("{}restart = \"always\"\nrestart_delay = \"100ms\"\nstart_limit_burst = 3\nstart_limit_interval = \"30s\"", ready(a))
+        ),
+        s.process("once", b, &[], &format!("{}restart = \"never\"", ready(b))),
+        s.process("careful", c, &[], &format!("{}restart = \"on-failure\"", ready(c))),
+    );
+    let srv = s.start(&text);
+
+    // never: a crash is not restarted.
+    assert_eq!(get(b, "/crash").status, 200);
+    wait_until("once exited", T, || {
+        (s.status_of("once")[1] == "exited").then_some(())
+    });
+    // on-failure: a clean exit is not restarted, a crash is (checked below with flappy).
+    assert_eq!(get(c, "/exit0").status, 200);
+    wait_until("careful exited", T, || {
+        (s.status_of("careful")[1] == "exited").then_some(())
+    });
+    assert!(s.status_of("careful").join(" ").contains("exit code 0"));
+
+    // always + start limit: with the trigger file every restart crashes at once; after 3
+    // starts within the interval the process is failed, loudly, and left alone.
+    let first_pid = s.pid_of("flappy").expect("flappy runs");
+    fs::write(&trigger, "").unwrap();
+    assert_eq!(get(a, "/crash").status, 200);
+    wait_until("flappy failed", T, || {
+        (s.status_of("flappy")[1] == "failed").then_some(())
+    });
+    assert_eq!(s.count("start", "flappy"), 3, "{:?}", s.events());
+    let line = srv.wait_error_log_line("start limit", T, |l| l.contains("process FAILED"));
+    assert!(line.contains("flappy"), "{line}");
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(!pid_alive(first_pid));
+    // Failed stays failed (no flapping).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.count("start", "flappy"), 3);
+    // `restart NAME` clears it: without the trigger it runs again.
+    fs::remove_file(&trigger).unwrap();
+    let out = run_bin(
+        &s.dir,
+        &[
+            "restart",
+            "flappy",
+            "-c",
+            s.dir.join("workers.toml").to_str().unwrap(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    wait_until("flappy running again", T, || {
+        (s.status_of("flappy")[1] == "running").then_some(())
+    });
+    assert_eq!(get(a, "/").status, 200);
+    drop(srv);
+}
+
+#[test]
+fn failing_health_check_restarts_the_process() {
+    let s = Svc::new("proc_health");
+    let sick = s.dir.join("sick");
+    let p = free_port();
+    let text = format!(
+        "{}{}",
+        s.head(""),
+        s.process(
+            "model",
+            p,
+            &["--unhealthy-if", sick.to_str().unwrap()],
+            &format!("ready = {{ http = \"http://127.0.0.1:{p}/health\", interval = \"150ms\", timeout = \"1s\", failures = 2 }}\nrestart_delay = \"100ms\"")
+        ),
+    );
+    let srv = s.start(&text);
+    let pid = s.pid_of("model").expect("model pid");
+    fs::write(&sick, "").unwrap();
+    srv.wait_error_log_line("health restart", T, |l| {
+        l.contains("failed its health check") && l.contains("model")
+    });
+    fs::remove_file(&sick).unwrap();
+    let new_pid = wait_until("model restarted and running", T, || {
+        let st = s.status_of("model");
+        let np: u32 = st.get(2)?.parse().ok()?;
+        (st[1] == "running" && np != pid).then_some(np)
+    });
+    assert!(!pid_alive(pid), "old model process still alive");
+    assert!(pid_alive(new_pid));
+    let st = s.status_of("model").join(" ");
+    assert!(st.contains("(health)"), "last exit names the reason: {st}");
+    assert_eq!(s.status_of("model")[3], "1", "restarts: {st}");
+}
+
+#[test]
+fn start_timeout_lets_a_slow_load_finish_and_stops_a_stuck_one() {
+    let s = Svc::new("proc_start_timeout");
+    let (slow, stuck) = (free_port(), free_port());
+    let text = format!(
+        "{}{}{}",
+        s.head(""),
+        // Loads for 2.5 s, checked every 200 ms with failures = 1: still not killed.
+        s.process(
+            "slow",
+            slow,
+            &["--healthy-after", "2.5"],
+            &format!("ready = {{ http = \"http://127.0.0.1:{slow}/health\", interval = \"200ms\", failures = 1 }}\nstart_timeout = \"20s\"")
+        ),
+        // Never healthy: stopped after start_timeout, restarted; burst 2 then failed.
+        s.process(
+            "stuck",
+            stuck,
+            &["--healthy-after", "1000"],
+            &format!("ready = {{ http = \"http://127.0.0.1:{stuck}/health\", interval = \"100ms\" }}\nstart_timeout = \"1s\"\nrestart_delay = \"100ms\"\nstart_limit_burst = 2\nafter = [\"slow\"]")
+        ),
+    );
+    let cfg = s.write(&text);
+    let mut srv = Server::spawn(&s.dir, &cfg, s.port, &s.dir.path);
+    // stuck never becomes ready, so the service never reports READY=1: wait for the log.
+    srv.wait_error_log_line("slow ready", T, |l| {
+        l.contains("process ready") && l.contains("slow")
+    });
+    assert_eq!(
+        s.count("start", "slow"),
+        1,
+        "slow was restarted: {:?}",
+        s.events()
+    );
+    srv.wait_error_log_line("start timeout", T, |l| {
+        l.contains("start_timeout") && l.contains("stuck")
+    });
+    // A process failing before the service was ever ready stops the master (exit 3).
+    let st = srv.wait_exit(T);
+    assert_eq!(st.code(), Some(3), "{}", srv.diagnostics());
+    assert_eq!(s.count("start", "stuck"), 2, "{:?}", s.events());
+    assert!(srv.error_log().contains("process FAILED"));
+}
+
+#[test]
+fn notify_readiness_and_output_capture() {
+    let s = Svc::new("proc_notify_output");
+    let (a, b) = (free_port(), free_port());
+    let own_log = s.dir.join("b.log");
+    let text = format!(
+        "{}{}{}",
+        s.head(""),
+        s.process(
+            "notifier",
+            a,
+            &["--notify", "--healthy-after", "1"],
+            "ready = { notify = true }\nstart_timeout = \"20s\""
+        ),
+        s.process(
+            "quiet",
+            b,
+            &[],
+            &format!("log = {}", q(own_log.to_str().unwrap()))
+        ),
+    );
+    let started = Instant::now();
+    let srv = s.start(&text);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(s.position("notified", "notifier").is_some());
+    // The error log has the notifier's lines, tagged with its name and stream.
+    let line = srv.wait_error_log_line("notifier stdout", T, |l| {
+        l.contains("notifier listening on")
+    });
+    assert!(line.contains("process=notifier"), "{line}");
+    assert!(line.contains("stdout"), "{line}");
+    srv.wait_error_log_line("notifier stderr", T, |l| {
+        l.contains("a line on stderr") && l.contains("process=notifier")
+    });
+    // quiet writes to its own file instead.
+    wait_until("quiet's own log", T, || {
+        let t = fs::read_to_string(&own_log).unwrap_or_default();
+        (t.contains("quiet listening on") && t.contains("quiet: a line on stderr")).then_some(())
+    });
+    assert!(!srv.error_log().contains("quiet listening on"));
+    // Without a pool, /-/ready follows the processes.
+    assert_eq!(get(s.port, "/-/ready").status, 200);
+    assert_eq!(get(s.port, "/anything").status, 404);
+}
+
+#[test]
+fn status_lists_processes_and_restart_name_restarts_one() {
+    let s = Svc::new("proc_status");
+    let (a, b) = (free_port(), free_port());
+    let text = format!(
+        "{}{}{}",
+        s.head(""),
+        s.process(
+            "alpha",
+            a,
+            &[],
+            &format!("ready = {{ tcp = \"127.0.0.1:{a}\" }}")
+        ),
+        s.process(
+            "beta",
+            b,
+            &[],
+            &format!("ready = {{ tcp = \"127.0.0.1:{b}\" }}")
+        ),
+    );
+    let _srv = s.start(&text);
+    let st = s.status();
+    assert!(st.contains("process") && st.contains("restarts"), "{st}");
+    let alpha = s.status_of("alpha");
+    assert_eq!(alpha[1], "running", "{st}");
+    let (pa, pb) = (s.pid_of("alpha").unwrap(), s.pid_of("beta").unwrap());
+    assert!(pid_alive(pa) && pid_alive(pb));
+
+    let cfg = s.dir.join("workers.toml");
+    let out = run_bin(
+        &s.dir,
+        &["restart", "alpha", "-c", cfg.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    let na = wait_until("alpha restarted", T, || {
+        let st = s.status_of("alpha");
+        let np: u32 = st.get(2)?.parse().ok()?;
+        (st[1] == "running" && np != pa).then_some(np)
+    });
+    assert!(pid_alive(na));
+    assert!(!pid_alive(pa));
+    assert_eq!(s.pid_of("beta"), Some(pb), "beta must keep running");
+    assert_eq!(s.status_of("alpha")[3], "1");
+    assert!(s.status_of("alpha").join(" ").contains("(restart)"));
+    // An unknown name is an error (exit 1) naming the known ones.
+    let out = run_bin(
+        &s.dir,
+        &["restart", "gamma", "-c", cfg.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.dump());
+    assert!(out.stderr.contains("alpha, beta"), "{}", out.dump());
+}
+
+#[test]
+fn hup_restarts_only_the_changed_process() {
+    let s = Svc::new("proc_hup");
+    let (a, b) = (free_port(), free_port());
+    let text = |flavour: &str| {
+        format!(
+            "{}{}{}",
+            s.head(""),
+            s.process(
+                "steady",
+                a,
+                &[],
+                &format!("ready = {{ tcp = \"127.0.0.1:{a}\" }}")
+            ),
+            s.process(
+                "changing",
+                b,
+                &[],
+                &format!(
+                    "ready = {{ tcp = \"127.0.0.1:{b}\" }}\nenv = {{ FLAVOUR = {} }}",
+                    q(flavour)
+                )
+            ),
+        )
+    };
+    let srv = s.start(&text("vanilla"));
+    assert_eq!(get(b, "/env/FLAVOUR").text(), "vanilla\n");
+    let (pa, pb) = (s.pid_of("steady").unwrap(), s.pid_of("changing").unwrap());
+    s.write(&text("chocolate"));
+    srv.signal(libc_sighup());
+    wait_until("changing restarted with the new env", T, || {
+        (try_get_status(b, "/env/FLAVOUR") == Some(200)
+            && get(b, "/env/FLAVOUR").text() == "chocolate\n")
+            .then_some(())
+    });
+    assert_eq!(
+        s.pid_of("steady"),
+        Some(pa),
+        "unchanged process must keep running"
+    );
+    assert_ne!(s.pid_of("changing"), Some(pb));
+    assert!(!pid_alive(pb));
+    assert_eq!(s.count("start", "steady"), 1);
+}
+
+fn libc_sighup() -> i32 {
+    1
+}
+
+#[test]
+fn sigterm_ignoring_process_and_its_helpers_are_killed_after_stop_timeout() {
+    let s = Svc::new("proc_stubborn");
+    let p = free_port();
+    let text = format!(
+        "{}{}",
+        s.head(""),
+        s.process(
+            "stubborn",
+            p,
+            &["--ignore-term", "--helper"],
+            &format!("ready = {{ tcp = \"127.0.0.1:{p}\" }}\nstop_timeout = \"1s\"")
+        ),
+    );
+    let mut srv = s.start(&text);
+    let leader = s.pid_of("stubborn").unwrap();
+    let helper = s
+        .events()
+        .iter()
+        .find(|(w, _, _)| w == "helperpid")
+        .map(|(_, _, pid)| *pid)
+        .expect("helper pid recorded");
+    srv.record(helper);
+    assert!(pid_alive(leader) && pid_alive(helper));
+    let t = Instant::now();
+    let st = srv.stop_term();
+    assert_eq!(st.code(), Some(0), "{}", srv.diagnostics());
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "stop_timeout not waited"
+    );
+    assert!(t.elapsed() < Duration::from_secs(15));
+    wait_until("leader and helper gone", Duration::from_secs(5), || {
+        (!pid_alive(leader) && !pid_alive(helper)).then_some(())
+    });
+    let log = srv.error_log();
+    assert!(log.contains("ignoring SIGTERM"), "{log}");
+    assert!(log.contains("SIGKILL to its process group"), "{log}");
+}
+
+/// A masked client frame (RFC 6455 5.2), FIN set.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5a, 0x17, 0xc3, 0x88];
+    let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, pred: impl Fn(&[u8]) -> bool) {
+    let mut chunk = [0u8; 4096];
+    while !pred(buf) {
+        let n = s.read(&mut chunk).expect("read");
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn routed_prefixes_stream_and_pass_websockets() {
+    let s = Svc::new("proc_routes");
+    let (model, ui) = (free_port(), free_port());
+    let text = format!(
+        "{}{}{}",
+        s.head("routes = { \"/v1/\" = \"model\", \"/\" = \"ui\" }"),
+        s.process(
+            "model",
+            model,
+            &[],
+            &format!("ready = {{ tcp = \"127.0.0.1:{model}\" }}\nlisten = \"127.0.0.1:{model}\"")
+        ),
+        s.process(
+            "ui",
+            ui,
+            &[],
+            &format!("ready = {{ tcp = \"127.0.0.1:{ui}\" }}\nlisten = \"127.0.0.1:{ui}\"\nafter = [\"model\"]")
+        ),
+    );
+    let srv = s.start(&text);
+    assert_eq!(get(s.port, "/v1/models").text(), "model /v1/models\n");
+    assert_eq!(get(s.port, "/chat").text(), "ui /chat\n");
+    // The master's own readiness path is not routed.
+    assert_eq!(get(s.port, "/-/ready").status, 200);
+
+    // Streamed: the first piece arrives long before the last is produced (5 x 300 ms).
+    let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let t = Instant::now();
+    c.write_all(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    read_until(&mut c, &mut buf, |b| {
+        String::from_utf8_lossy(b).contains("data: 0")
+    });
+    let first = t.elapsed();
+    read_until(&mut c, &mut buf, |b| b.ends_with(b"0\r\n\r\n"));
+    let all = t.elapsed();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("data: 4"), "{text}");
+    assert!(
+        first < Duration::from_millis(700) && all >= Duration::from_millis(1100),
+        "not streamed: first piece after {first:?}, all after {all:?}"
+    );
+
+    // WebSocket through "/" to the UI.
+    let mut w = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    w.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    w.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    read_until(&mut w, &mut buf, |b| b.windows(4).any(|x| x == b"\r\n\r\n"));
+    let head = String::from_utf8_lossy(&buf).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+    let end = buf.windows(4).position(|x| x == b"\r\n\r\n").unwrap() + 4;
+    let mut rest = buf[end..].to_vec();
+    for msg in ["hello ui", "second"] {
+        w.write_all(&client_frame(0x1, msg.as_bytes())).unwrap();
+        let want = format!("echo: {msg}");
+        read_until(&mut w, &mut rest, |b| b.len() >= 2 + want.len());
+        assert_eq!(rest[0], 0x81);
+        assert_eq!(&rest[2..2 + want.len()], want.as_bytes());
+        rest.drain(..2 + want.len());
+    }
+    drop(w);
+    // Routed requests are in the access log.
+    srv.wait_access_log_line("routed request", T, |l| l.contains("/v1/models"));
+}
