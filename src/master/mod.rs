@@ -226,6 +226,7 @@ impl Master {
     pub async fn run(mut self) -> i32 {
         tracing::info!(bind = %self.cfg.bind, workers = self.desired, pid = std::process::id(), "starting");
         self.reconcile();
+        self.processes.reconcile();
         loop {
             let wake = self.next_wakeup();
             let draining = self.phase == Phase::DrainingConnections;
