@@ -205,8 +205,8 @@ def main():
             path = os.environ.get("NOTIFY_SOCKET")
             if path:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                s.sendto(b"STATUS=loaded\nREADY=1\n", path)
                 event("notified")
+                s.sendto(b"STATUS=loaded\nREADY=1\n", path)
 
         threading.Thread(target=notify, daemon=True).start()
     srv.serve_forever()
