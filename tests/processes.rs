@@ -642,3 +642,31 @@ fn routed_prefixes_stream_and_pass_websockets() {
     // Routed requests are in the access log.
     srv.wait_access_log_line("routed request", T, |l| l.contains("/v1/models"));
 }
+
+#[test]
+fn process_runs_as_its_user_when_the_master_is_root() {
+    let root = fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    if !root {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: not root, `user` cannot switch (the config test covers the error)"
+        );
+        return;
+    }
+    let s = Svc::new("proc_user");
+    let text = format!(
+        "{}\n[[process]]\nname = \"as-nobody\"\ncommand = [\"sleep\", \"120\"]\nchdir = \"/\"\nuser = \"nobody\"\n",
+        s.head(""),
+    );
+    let _srv = s.start(&text);
+    let pid = s.pid_of("as-nobody").expect("pid");
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        !uid_line.split_whitespace().skip(1).any(|u| u == "0"),
+        "still root: {uid_line}"
+    );
+}

@@ -227,6 +227,7 @@ impl Master {
         tracing::info!(bind = %self.cfg.bind, workers = self.desired, pid = std::process::id(), "starting");
         self.reconcile();
         self.processes.reconcile();
+        self.after_process_events();
         loop {
             let wake = self.next_wakeup();
             let draining = self.phase == Phase::DrainingConnections;
