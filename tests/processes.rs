@@ -670,3 +670,51 @@ fn process_runs_as_its_user_when_the_master_is_root() {
         "still root: {uid_line}"
     );
 }
+
+#[test]
+fn example_llm_chat_serves_a_streamed_completion_through_one_listener() {
+    let dir = TestDir::new("example_llm_chat");
+    let src = std::path::Path::new(MANIFEST_DIR).join("examples/llm-chat");
+    for f in ["model_server.py", "chat_ui.py"] {
+        fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    fs::create_dir_all(dir.join("run")).unwrap();
+    let (port, model, ui) = (free_port(), free_port(), free_port());
+    let text = fs::read_to_string(src.join("workers.toml"))
+        .unwrap()
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"))
+        .replace("8000", &model.to_string())
+        .replace("8001", &ui.to_string())
+        .replace("\"--load-seconds\", \"3\"", "\"--load-seconds\", \"1\"")
+        .replace("\"python3\"", &q(python3().to_str().unwrap()));
+    let cfg = dir.join("workers.toml");
+    fs::write(&cfg, &text).unwrap();
+    let mut srv = Server::spawn(&dir, &cfg, port, &dir.path);
+    srv.wait_ready(READY_TIMEOUT);
+    let models = get(port, "/v1/models");
+    assert_eq!(models.status, 200, "{}", srv.diagnostics());
+    assert!(models.text().contains("fake-llm"));
+    assert!(get(port, "/").text().contains("<title>fake chat</title>"));
+    let mut c = Http::connect(port);
+    let body = br#"{"stream": true, "messages": [{"role": "user", "content": "hello model"}]}"#;
+    let r = c.request(
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("Content-Type", "application/json"),
+            ("Connection", "close"),
+        ],
+        body,
+    );
+    assert_eq!(r.status, 200);
+    let t = r.text();
+    assert!(
+        t.contains("\"content\": \" model\"") && t.ends_with("data: [DONE]\n\n"),
+        "{t}"
+    );
+    // The UI calls the model server itself, too.
+    let mut c = Http::connect(port);
+    let r = c.request("POST", "/ask", &[("Connection", "close")], b"ping");
+    assert_eq!(r.text(), "You said: ping\n");
+    assert_eq!(srv.stop_term().code(), Some(0));
+}
