@@ -657,8 +657,15 @@ fn process_runs_as_its_user_when_the_master_is_root() {
         return;
     }
     let s = Svc::new("proc_user");
+    // With a system python (readable by nobody) it also reports READY=1 on its NOTIFY_SOCKET,
+    // which must be reachable for the other user.
+    let command = if std::path::Path::new("/usr/bin/python3").exists() {
+        "command = [\"/usr/bin/python3\", \"-c\", \"import os, socket, time; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', os.environ['NOTIFY_SOCKET']); time.sleep(120)\"]\nready = { notify = true }\nstart_timeout = \"20s\""
+    } else {
+        "command = [\"sleep\", \"120\"]"
+    };
     let text = format!(
-        "{}\n[[process]]\nname = \"as-nobody\"\ncommand = [\"sleep\", \"120\"]\nchdir = \"/\"\nuser = \"nobody\"\n",
+        "{}\n[[process]]\nname = \"as-nobody\"\n{command}\nchdir = \"/\"\nuser = \"nobody\"\n",
         s.head(""),
     );
     let _srv = s.start(&text);

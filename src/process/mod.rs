@@ -347,7 +347,10 @@ impl Supervisor {
             let p = &mut self.procs[i];
             let checkable = matches!(p.state, ProcState::Starting | ProcState::Running)
                 && matches!(p.cfg.ready, ReadyCheck::Http { .. } | ReadyCheck::Tcp(_));
-            if checkable && !p.checking && p.next_check.is_some_and(|t| t <= now) {
+            if !checkable {
+                // Not checked in this state: a leftover time must not wake the loop again.
+                p.next_check = None;
+            } else if !p.checking && p.next_check.is_some_and(|t| t <= now) {
                 p.next_check = None;
                 p.checking = true;
                 let events = self.events.clone();

@@ -64,11 +64,13 @@ pub fn spawn(
         let path = notify_path(runtime_dir, &cfg.name);
         let _ = std::fs::remove_file(&path);
         let sock = tokio::net::UnixDatagram::bind(&path)?;
-        if cfg.user.is_some() {
+        if let Some((_, uid, gid)) = &cfg.user {
             use std::os::unix::fs::PermissionsExt;
-            // The process runs as another user: it must be able to send to the socket.
-            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
-            let _ = std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o711));
+            // The process runs as another user: the socket becomes its own (mode 0600), and the
+            // private directory lets it pass (0711: no listing, every other file stays 0600).
+            std::os::unix::fs::chown(&path, Some(*uid), Some(*gid))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o711))?;
         }
         cmd.env("NOTIFY_SOCKET", &path);
         Some((sock, path))
