@@ -1033,6 +1033,11 @@ impl Config {
                 .unwrap_or_else(|| "(off)".into()),
         );
         match &self.app.kind {
+            // No [app]: the stand-in is never run; say so instead of showing it.
+            _ if !self.pool => line(
+                "app",
+                "(none: no worker pool, only [[process]] entries)".into(),
+            ),
             AppKind::Wsgi { module, callable } => {
                 line("app.wsgi", format!("\"{module}:{callable}\""))
             }
@@ -1101,9 +1106,6 @@ impl Config {
             },
         );
         line("log.keep", self.log.keep.to_string());
-        if !self.pool {
-            line("app", "(none: no worker pool)".into());
-        }
         if !self.pool_after.is_empty() {
             line("app.after", format!("{:?}", self.pool_after));
         }

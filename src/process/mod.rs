@@ -691,12 +691,7 @@ impl Supervisor {
         }
         let stable = p.ready_at.is_some_and(|t| t.elapsed() >= STABLE_AFTER);
         p.streak = if stable { 0 } else { p.streak + 1 };
-        let factor = 1u32 << p.streak.saturating_sub(1).min(16);
-        let delay = p
-            .cfg
-            .restart_delay
-            .saturating_mul(factor)
-            .min(MAX_BACKOFF.max(p.cfg.restart_delay));
+        let delay = backoff(p.cfg.restart_delay, p.streak);
         p.restarts += 1;
         p.state = ProcState::Backoff;
         p.deadline = Some(now + delay);
@@ -816,7 +811,35 @@ impl Supervisor {
     }
 }
 
+/// The pause before restart number `streak` of a process that keeps failing (1 = the first):
+/// `restart_delay`, then doubling, capped at [`MAX_BACKOFF`] (or `restart_delay`, if longer).
+pub fn backoff(restart_delay: Duration, streak: u32) -> Duration {
+    let factor = 1u32 << streak.saturating_sub(1).min(16);
+    restart_delay
+        .saturating_mul(factor)
+        .min(MAX_BACKOFF.max(restart_delay))
+}
+
 /// How often a starting process is polled with its ready check.
 fn start_poll(cfg: &ProcessConfig) -> Duration {
     cfg.check_interval.min(Duration::from_millis(250))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let d = Duration::from_secs(10);
+        assert_eq!(backoff(d, 0), d);
+        assert_eq!(backoff(d, 1), d);
+        assert_eq!(backoff(d, 2), Duration::from_secs(20));
+        assert_eq!(backoff(d, 4), Duration::from_secs(80));
+        assert_eq!(backoff(d, 30), MAX_BACKOFF);
+        // A restart_delay longer than the cap is kept as it is.
+        let long = Duration::from_secs(600);
+        assert_eq!(backoff(long, 5), long);
+        assert_eq!(backoff(Duration::ZERO, 9), Duration::ZERO);
+    }
 }
