@@ -1138,7 +1138,7 @@ impl Config {
                     p.start_limit_interval.as_secs_f64()
                 ),
             );
-            line(&format!("process.{n}.ready"), format!("{:?}", p.ready));
+            line(&format!("process.{n}.ready"), p.describe_ready());
             line(
                 &format!("process.{n}.start_timeout"),
                 format!("{}s", p.start_timeout.as_secs_f64()),

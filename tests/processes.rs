@@ -504,6 +504,35 @@ fn hup_restarts_only_the_changed_process() {
     assert_ne!(s.pid_of("changing"), Some(pb));
     assert!(!pid_alive(pb));
     assert_eq!(s.count("start", "steady"), 1);
+
+    // A new entry starts, a removed one stops; the unchanged one still keeps running.
+    let n = free_port();
+    let with_new = format!(
+        "{}{}",
+        text("chocolate"),
+        s.process(
+            "newcomer",
+            n,
+            &[],
+            &format!("ready = {{ tcp = \"127.0.0.1:{n}\" }}")
+        )
+    );
+    s.write(&with_new);
+    srv.signal(libc_sighup());
+    wait_until("newcomer serves", T, || {
+        try_get(n, "/")
+            .is_some_and(|r| r.status == 200)
+            .then_some(())
+    });
+    let pn = s.pid_of("newcomer").expect("newcomer pid");
+    let changing = s.pid_of("changing");
+    s.write(&text("chocolate"));
+    srv.signal(libc_sighup());
+    wait_until("newcomer stopped and gone from status", T, || {
+        (!pid_alive(pn) && !s.status().contains("newcomer")).then_some(())
+    });
+    assert_eq!(s.pid_of("steady"), Some(pa));
+    assert_eq!(s.pid_of("changing"), changing);
 }
 
 fn libc_sighup() -> i32 {

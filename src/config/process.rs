@@ -91,6 +91,24 @@ pub struct ProcessConfig {
     pub log: Option<PathBuf>,
 }
 
+impl ProcessConfig {
+    /// The readiness check in words, for `check`.
+    pub fn describe_ready(&self) -> String {
+        let every = format!(
+            "every {}s (timeout {}s, restart after {} failures)",
+            self.check_interval.as_secs_f64(),
+            self.check_timeout.as_secs_f64(),
+            self.check_failures
+        );
+        match &self.ready {
+            ReadyCheck::Started => "ready once started (no checks)".into(),
+            ReadyCheck::Http { host, path, .. } => format!("GET http://{host}{path} {every}"),
+            ReadyCheck::Tcp(a) => format!("connect {a} {every}"),
+            ReadyCheck::Notify => "READY=1 on NOTIFY_SOCKET (sd_notify)".into(),
+        }
+    }
+}
+
 /// A path prefix routed to a process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
