@@ -401,6 +401,19 @@ fn notify_readiness_and_output_capture() {
         (t.contains("quiet listening on") && t.contains("quiet: a line on stderr")).then_some(())
     });
     assert!(!srv.error_log().contains("quiet listening on"));
+    // SIGUSR1 (after logrotate moved the file away): the process's log is reopened too.
+    fs::rename(&own_log, s.dir.join("b.log.1")).unwrap();
+    srv.signal(10);
+    srv.wait_error_log_line("USR1 handled", T, |l| l.contains("log files reopened"));
+    assert_eq!(get(b, "/say/after-rotation").status, 200);
+    wait_until("the new b.log gets the next line", T, || {
+        fs::read_to_string(&own_log)
+            .is_ok_and(|t| t.contains("after-rotation"))
+            .then_some(())
+    });
+    assert!(!fs::read_to_string(s.dir.join("b.log.1"))
+        .unwrap()
+        .contains("after-rotation"));
     // Without a pool, /-/ready follows the processes.
     assert_eq!(get(s.port, "/-/ready").status, 200);
     assert_eq!(get(s.port, "/anything").status, 404);

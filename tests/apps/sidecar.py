@@ -14,7 +14,7 @@ Options:
 
 Endpoints: /health; /crash (answers, then exits 3); /exit0 (answers, then exits 0); /stream
 (chunked: 5 pieces "data: i", 300 ms apart); /ws (WebSocket echo: "echo: <msg>"); /env/VAR (the
-variable's value); anything else: 200 "NAME PATH".
+variable's value); /say/TEXT (prints TEXT on stdout); anything else: 200 "NAME PATH".
 """
 
 import argparse
@@ -116,6 +116,9 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/exit0":
             self.reply(200, "exiting\n")
             os._exit(0)
+        if path.startswith("/say/"):
+            print(path[5:], flush=True)
+            return self.reply(200, "said\n")
         if path.startswith("/env/"):
             return self.reply(200, os.environ.get(path[5:], "") + "\n")
         if path == "/stream" or path.endswith("/stream"):
