@@ -422,10 +422,10 @@ fn notify_readiness_and_output_capture() {
 #[test]
 fn status_lists_processes_and_restart_name_restarts_one() {
     let s = Svc::new("proc_status");
-    let (a, b) = (free_port(), free_port());
+    let (a, b, m) = (free_port(), free_port(), free_port());
     let text = format!(
         "{}{}{}",
-        s.head(""),
+        s.head(&format!("metrics = \"127.0.0.1:{m}\"")),
         s.process(
             "alpha",
             a,
@@ -464,6 +464,20 @@ fn status_lists_processes_and_restart_name_restarts_one() {
     assert_eq!(s.pid_of("beta"), Some(pb), "beta must keep running");
     assert_eq!(s.status_of("alpha")[3], "1");
     assert!(s.status_of("alpha").join(" ").contains("(restart)"));
+    // The metrics listener counts it and shows both up.
+    let metrics = get(m, "/metrics").text();
+    assert!(
+        metrics.contains("gte_process_restarts_total{process=\"alpha\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gte_process_up{process=\"beta\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gte_process_up{process=\"alpha\"} 1"),
+        "{metrics}"
+    );
     // An unknown name is an error (exit 1) naming the known ones.
     let out = run_bin(
         &s.dir,

@@ -170,6 +170,7 @@ impl Master {
             &parts.cfg,
             events_tx.clone(),
             parts.runtime_dir.clone(),
+            parts.shared.metrics.clone(),
         );
         let server = tokio::spawn(crate::proxy::serve(
             parts.listener,

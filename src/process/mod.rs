@@ -55,6 +55,8 @@ pub struct Supervisor {
     fast: bool,
     /// The pool's dependencies have been ready once: it may start (and stays started).
     pool_open: bool,
+    /// Prometheus metrics (`gte_process_up`, `gte_process_restarts`), when enabled.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 fn describe(st: &ExitStatus) -> String {
@@ -73,7 +75,17 @@ fn signal_group(pid: u32, sig: Signal) {
 }
 
 impl Supervisor {
-    pub fn new(cfg: &Config, events: UnboundedSender<Event>, runtime_dir: PathBuf) -> Self {
+    pub fn new(
+        cfg: &Config,
+        events: UnboundedSender<Event>,
+        runtime_dir: PathBuf,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Self {
+        if let Some(m) = &metrics {
+            for p in &cfg.processes {
+                m.process_up(&p.name, false);
+            }
+        }
         Supervisor {
             procs: cfg.processes.iter().cloned().map(ProcRec::new).collect(),
             events,
@@ -86,6 +98,7 @@ impl Supervisor {
             stopping: false,
             fast: false,
             pool_open: false,
+            metrics,
         }
     }
 
@@ -260,6 +273,22 @@ impl Supervisor {
 
     /// Starts what may start; when stopping, stops what nothing running depends on any more.
     pub fn reconcile(&mut self) {
+        self.reconcile_states();
+        self.publish_metrics();
+    }
+
+    fn publish_metrics(&mut self) {
+        let Some(m) = &self.metrics else { return };
+        for p in &mut self.procs {
+            m.process_up(&p.cfg.name, p.state == ProcState::Running);
+            if p.restarts > p.restarts_published {
+                m.process_restarted(&p.cfg.name, u64::from(p.restarts - p.restarts_published));
+                p.restarts_published = p.restarts;
+            }
+        }
+    }
+
+    fn reconcile_states(&mut self) {
         if self.stopping {
             for i in 0..self.procs.len() {
                 let name = self.procs[i].cfg.name.clone();

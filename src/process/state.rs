@@ -97,6 +97,8 @@ pub struct ProcRec {
     pub then: Then,
     pub waiting_logged: bool,
     pub log: Option<ProcessLog>,
+    /// Restarts already counted in the metrics.
+    pub restarts_published: u32,
 }
 
 impl ProcRec {
@@ -121,6 +123,7 @@ impl ProcRec {
             then: Then::Policy,
             waiting_logged: false,
             log: None,
+            restarts_published: 0,
         }
     }
 
