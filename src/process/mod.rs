@@ -35,7 +35,7 @@ use crate::event::{Event, ProcessEvent};
 use crate::logging::rotate::{LogFile, Rotate};
 use crate::logging::writer::LineWriter;
 pub use state::{backoff, ProcState};
-use state::{start_poll, ProcRec, ProcessLog, Then, STABLE_AFTER};
+use state::{start_poll, ProcRec, ProcessLog, Then, KILL_WAIT, STABLE_AFTER};
 
 /// Log settings the processes' own log files follow.
 #[derive(Debug, Clone, Copy)]
@@ -227,6 +227,18 @@ impl Supervisor {
                         self.stop(i, "start-timeout", Then::Policy);
                         continue;
                     }
+                    // Bounded shutdown: PR_SET_PDEATHSIG still kills it with the master.
+                    ProcState::Stopping if p.sigkilled && self.stopping => {
+                        tracing::error!(
+                            process = %p.cfg.name,
+                            pid = p.pid,
+                            wait_s = KILL_WAIT.as_secs(),
+                            "process did not exit after SIGKILL; no longer waiting for it"
+                        );
+                        p.pid = None;
+                        p.state = ProcState::Stopped;
+                    }
+                    ProcState::Stopping if p.sigkilled => {}
                     ProcState::Stopping => {
                         if let Some(pid) = p.pid {
                             tracing::warn!(
@@ -236,6 +248,8 @@ impl Supervisor {
                                 "process still running after stop_timeout: SIGKILL to its process group"
                             );
                             signal_group(pid, Signal::SIGKILL);
+                            p.sigkilled = true;
+                            p.deadline = Some(now + KILL_WAIT);
                         }
                     }
                     ProcState::Backoff => p.state = ProcState::Waiting,
@@ -497,9 +511,14 @@ impl Supervisor {
             if p.then != Then::Remove && then != Then::Policy {
                 p.then = then;
             }
+            if fast && !p.sigkilled {
+                let soon = Instant::now() + Duration::from_secs(2);
+                p.deadline = Some(p.deadline.map_or(soon, |d| d.min(soon)));
+            }
             return;
         }
         p.state = ProcState::Stopping;
+        p.sigkilled = false;
         p.stop_reason = Some(reason);
         p.then = then;
         p.checking = false;

@@ -14,6 +14,9 @@ use crate::logging::writer::{LineWriter, WriterGuard};
 
 /// The longest pause between two restarts of a crash-looping process.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// After SIGKILL, how long a shutdown waits for the exit before it stops waiting (a process in
+/// uninterruptible sleep; the kernel delivers the kill when it wakes).
+pub const KILL_WAIT: Duration = Duration::from_secs(5);
 /// A process that ran (ready) at least this long before exiting is not crash-looping.
 pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 
@@ -99,6 +102,8 @@ pub struct ProcRec {
     pub log: Option<ProcessLog>,
     /// Restarts already counted in the metrics.
     pub restarts_published: u32,
+    /// SIGKILL was sent to its group (the deadline is then the last wait for its exit).
+    pub sigkilled: bool,
 }
 
 impl ProcRec {
@@ -124,6 +129,7 @@ impl ProcRec {
             waiting_logged: false,
             log: None,
             restarts_published: 0,
+            sigkilled: false,
         }
     }
 
