@@ -219,10 +219,10 @@ fn dependencies_start_in_order_pool_waits_and_stop_is_reversed() {
 fn restart_policies_and_the_start_limit() {
     let s = Svc::new("proc_policies");
     let trigger = s.dir.join("crash-now");
-    let (a, b, c) = (free_port(), free_port(), free_port());
+    let (a, b, c, d) = (free_port(), free_port(), free_port(), free_port());
     let ready = |p: u16| format!("ready = {{ tcp = \"127.0.0.1:{p}\", interval = \"100ms\" }}\n");
     let text = format!(
-        "{}{}{}{}",
+        "{}{}{}{}{}",
         s.head(""),
         s.process(
             "flappy",
@@ -232,6 +232,12 @@ fn restart_policies_and_the_start_limit() {
         ),
         s.process("once", b, &[], &format!("{}restart = \"never\"", ready(b))),
         s.process("careful", c, &[], &format!("{}restart = \"on-failure\"", ready(c))),
+        s.process(
+            "crashy",
+            d,
+            &[],
+            &format!("{}restart = \"on-failure\"\nrestart_delay = \"100ms\"", ready(d))
+        ),
     );
     let srv = s.start(&text);
 
@@ -246,6 +252,17 @@ fn restart_policies_and_the_start_limit() {
         (s.status_of("careful")[1] == "exited").then_some(())
     });
     assert!(s.status_of("careful").join(" ").contains("exit code 0"));
+    // on-failure: a crash (exit 3) is restarted.
+    let crashy = s.pid_of("crashy").expect("crashy runs");
+    assert_eq!(get(d, "/crash").status, 200);
+    wait_until("crashy restarted", T, || {
+        let st = s.status_of("crashy");
+        (st[1] == "running" && st[2] != crashy.to_string()).then_some(())
+    });
+    assert!(s
+        .status_of("crashy")
+        .join(" ")
+        .contains("exit code 3 (crash)"));
 
     // always + start limit: with the trigger file every restart crashes at once; after 3
     // starts within the interval the process is failed, loudly, and left alone.
@@ -782,4 +799,58 @@ fn example_llm_chat_serves_a_streamed_completion_through_one_listener() {
     let r = c.request("POST", "/ask", &[("Connection", "close")], b"ping");
     assert_eq!(r.text(), "You said: ping\n");
     assert_eq!(srv.stop_term().code(), Some(0));
+}
+
+#[test]
+fn fast_stop_stops_every_process_at_once() {
+    let s = Svc::new("proc_fast_stop");
+    let (a, b) = (free_port(), free_port());
+    let text = format!(
+        "{}{}{}",
+        s.head(""),
+        s.process(
+            "base",
+            a,
+            &[],
+            &format!("ready = {{ tcp = \"127.0.0.1:{a}\" }}\nstop_timeout = \"60s\"")
+        ),
+        // Ignores SIGTERM and has a long stop_timeout: a fast stop caps the wait at 2 s.
+        s.process(
+            "top",
+            b,
+            &["--ignore-term"],
+            &format!(
+                "ready = {{ tcp = \"127.0.0.1:{b}\" }}\nafter = [\"base\"]\nstop_timeout = \"60s\""
+            )
+        ),
+    );
+    let mut srv = s.start(&text);
+    let (pa, pb) = (s.pid_of("base").unwrap(), s.pid_of("top").unwrap());
+    let t = Instant::now();
+    let sent = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    srv.signal(SIGINT);
+    let st = srv.wait_exit(Duration::from_secs(20));
+    assert_eq!(st.code(), Some(0), "{}", srv.diagnostics());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(!pid_alive(pa) && !pid_alive(pb));
+    // Both got their stop signal at once: base did not wait for top (killed after 2 s).
+    let log = fs::read_to_string(&s.events).unwrap();
+    let term_at: f64 = log
+        .lines()
+        .find(|l| l.starts_with("term base "))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("base got no SIGTERM: {log}"));
+    assert!(
+        term_at - sent < 1.5,
+        "base stopped {:.2}s after SIGINT",
+        term_at - sent
+    );
 }
