@@ -854,3 +854,38 @@ fn fast_stop_stops_every_process_at_once() {
         term_at - sent
     );
 }
+
+#[test]
+fn one_shot_step_runs_to_completion_before_its_dependents() {
+    let s = Svc::new("proc_oneshot");
+    let p = free_port();
+    let ev = s.events.to_str().unwrap().to_string();
+    let script = format!(
+        "import os, time; open({ev:?}, 'a').write('start setup %d 0\\n' % os.getpid()); time.sleep(0.8); open({ev:?}, 'a').write('done setup %d 0\\n' % os.getpid())"
+    );
+    let text = format!(
+        "{}\n[[process]]\nname = \"setup\"\ncommand = [{}, \"-c\", {}]\nready = {{ exit = true }}\n{}",
+        s.head(""),
+        q(python3().to_str().unwrap()),
+        q(&script),
+        s.process(
+            "app",
+            p,
+            &[],
+            &format!("after = [\"setup\"]\nready = {{ tcp = \"127.0.0.1:{p}\" }}")
+        ),
+    );
+    let _srv = s.start(&text);
+    let done = s.position("done", "setup").expect("setup finished");
+    let app = s.position("start", "app").expect("app started");
+    assert!(
+        done < app,
+        "app started before setup was done: {:?}",
+        s.events()
+    );
+    // Done for good: restart = "always" (the default) does not run it again.
+    let st = s.status_of("setup");
+    assert_eq!(st[1], "exited", "{st:?}");
+    assert_eq!(st[3], "0", "{st:?}");
+    assert_eq!(s.count("start", "setup"), 1);
+}

@@ -23,6 +23,7 @@ pub struct ReadySpec {
     pub http: Option<String>,
     pub tcp: Option<String>,
     pub notify: Option<bool>,
+    pub exit: Option<bool>,
     pub interval: Option<Dur>,
     pub timeout: Option<Dur>,
     pub failures: Option<i64>,
@@ -61,6 +62,9 @@ pub enum ReadyCheck {
     Tcp(SocketAddr),
     /// The program sends `READY=1` on `NOTIFY_SOCKET` (sd_notify); not health-checked after.
     Notify,
+    /// A one-shot step (systemd `Type=oneshot`): done, and ready for its dependents, when it
+    /// exits with status 0; never restarted after that.
+    Exit,
 }
 
 /// One supervised process, resolved.
@@ -105,6 +109,7 @@ impl ProcessConfig {
             ReadyCheck::Http { host, path, .. } => format!("GET http://{host}{path} {every}"),
             ReadyCheck::Tcp(a) => format!("connect {a} {every}"),
             ReadyCheck::Notify => "READY=1 on NOTIFY_SOCKET (sd_notify)".into(),
+            ReadyCheck::Exit => "done when it exits with status 0 (one-shot)".into(),
         }
     }
 }
@@ -336,6 +341,7 @@ pub(super) fn resolve(
             spec.http.is_some(),
             spec.tcp.is_some(),
             spec.notify == Some(true),
+            spec.exit == Some(true),
         ]
         .iter()
         .filter(|b| **b)
@@ -343,7 +349,7 @@ pub(super) fn resolve(
         if chosen > 1 {
             return Err(err(
                 "ready",
-                format!("{who}: set one of http, tcp or notify = true, not several"),
+                format!("{who}: set one of http, tcp, notify = true or exit = true, not several"),
             ));
         }
         let ready = if let Some(u) = &spec.http {
@@ -354,6 +360,8 @@ pub(super) fn resolve(
             ReadyCheck::Tcp(parse_addr(t).map_err(|m| err("ready", format!("{who}: tcp: {m}")))?)
         } else if spec.notify == Some(true) {
             ReadyCheck::Notify
+        } else if spec.exit == Some(true) {
+            ReadyCheck::Exit
         } else {
             ReadyCheck::Started
         };

@@ -114,7 +114,7 @@ impl Supervisor {
     pub fn deps_ready(&self, names: &[String]) -> bool {
         names.iter().all(|n| {
             self.find(n)
-                .is_some_and(|i| self.procs[i].state == ProcState::Running)
+                .is_some_and(|i| self.procs[i].satisfies_dependents())
         })
     }
 
@@ -131,21 +131,23 @@ impl Supervisor {
     pub fn all_ready_once(&self) -> bool {
         self.procs
             .iter()
-            .all(|p| p.ever_ready || p.state == ProcState::Exited)
+            .all(|p| p.ever_ready || p.satisfies_dependents())
     }
 
     /// Every process is ready now (for the readiness endpoint when there is no pool).
     pub fn all_running(&self) -> bool {
-        self.procs
-            .iter()
-            .all(|p| p.state == ProcState::Running || p.state == ProcState::Exited)
+        self.procs.iter().all(|p| p.satisfies_dependents())
     }
 
-    /// Names of processes that hit their start limit.
+    /// Names of processes that hit their start limit, or exited for good (not restarted by their
+    /// policy) with a failure before they were ever ready.
     pub fn failed(&self) -> Vec<String> {
         self.procs
             .iter()
-            .filter(|p| p.state == ProcState::Failed)
+            .filter(|p| {
+                p.state == ProcState::Failed
+                    || (p.state == ProcState::Exited && !p.exit_ok && !p.ever_ready)
+            })
             .map(|p| p.cfg.name.clone())
             .collect()
     }
@@ -405,7 +407,7 @@ impl Supervisor {
                 tracing::info!(process = %p.cfg.name, pid, run = p.run, command = ?p.cfg.command, "process started");
                 match p.cfg.ready {
                     ReadyCheck::Started => self.became_ready(i),
-                    ReadyCheck::Notify => {
+                    ReadyCheck::Notify | ReadyCheck::Exit => {
                         p.state = ProcState::Starting;
                         p.deadline = Some(now + p.cfg.start_timeout);
                     }
@@ -553,6 +555,7 @@ impl Supervisor {
         p.checking = false;
         let then = std::mem::replace(&mut p.then, Then::Policy);
         let expected = p.stop_reason.is_some();
+        p.exit_ok = !expected && status.success();
         if expected {
             tracing::info!(process = %p.cfg.name, pid, reason, status = %how, "process exited");
         } else {
@@ -574,6 +577,12 @@ impl Supervisor {
                 p.restarts += 1;
                 p.starts.clear();
                 p.streak = 0;
+            }
+            Then::Policy if p.cfg.ready == ReadyCheck::Exit && p.exit_ok => {
+                // A one-shot step that finished: done for good, whatever `restart` says.
+                p.state = ProcState::Exited;
+                p.ever_ready = true;
+                tracing::info!(process = %p.cfg.name, "one-shot process done");
             }
             Then::Policy => {
                 let failure = matches!(reason, "health" | "start-timeout") || !status.success();

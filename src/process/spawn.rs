@@ -188,7 +188,7 @@ async fn copy_output<R: tokio::io::AsyncBufRead + Unpin>(
 /// One readiness / health check; Err says what failed.
 pub async fn check(ready: &ReadyCheck, timeout: Duration) -> Result<(), String> {
     match ready {
-        ReadyCheck::Started | ReadyCheck::Notify => Ok(()),
+        ReadyCheck::Started | ReadyCheck::Notify | ReadyCheck::Exit => Ok(()),
         ReadyCheck::Tcp(addr) => {
             match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
                 Ok(Ok(_)) => Ok(()),

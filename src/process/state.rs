@@ -104,6 +104,8 @@ pub struct ProcRec {
     pub restarts_published: u32,
     /// SIGKILL was sent to its group (the deadline is then the last wait for its exit).
     pub sigkilled: bool,
+    /// Its last run ended by itself with exit status 0.
+    pub exit_ok: bool,
 }
 
 impl ProcRec {
@@ -130,11 +132,18 @@ impl ProcRec {
             log: None,
             restarts_published: 0,
             sigkilled: false,
+            exit_ok: false,
         }
     }
 
     pub fn alive(&self) -> bool {
         self.pid.is_some()
+    }
+
+    /// Ready for its dependents: running, or done — exited by itself with status 0 and not to be
+    /// restarted (`restart = "never"` or `"on-failure"`).
+    pub fn satisfies_dependents(&self) -> bool {
+        self.state == ProcState::Running || (self.state == ProcState::Exited && self.exit_ok)
     }
 }
 
