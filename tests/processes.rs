@@ -889,3 +889,37 @@ fn one_shot_step_runs_to_completion_before_its_dependents() {
     assert_eq!(st[3], "0", "{st:?}");
     assert_eq!(s.count("start", "setup"), 1);
 }
+
+#[test]
+fn processes_die_with_a_killed_master() {
+    let s = Svc::new("proc_pdeathsig");
+    let (a, b) = (free_port(), free_port());
+    let text = format!(
+        "{}{}{}",
+        s.head(""),
+        s.process(
+            "one",
+            a,
+            &[],
+            &format!("ready = {{ tcp = \"127.0.0.1:{a}\" }}")
+        ),
+        s.process(
+            "two",
+            b,
+            &["--ignore-term"],
+            &format!("ready = {{ tcp = \"127.0.0.1:{b}\" }}")
+        ),
+    );
+    let mut srv = s.start(&text);
+    let pids = [s.pid_of("one").unwrap(), s.pid_of("two").unwrap()];
+    for p in pids {
+        srv.record(p);
+    }
+    srv.signal(SIGKILL);
+    srv.wait_exit(Duration::from_secs(10));
+    wait_until(
+        "processes gone after the master was SIGKILLed",
+        Duration::from_secs(10),
+        || pids.iter().all(|p| !pid_alive(*p)).then_some(()),
+    );
+}
