@@ -456,6 +456,10 @@ fn key_at_line(text: &str, line: usize) -> Option<String> {
         let t = l.trim();
         if t.starts_with('[') {
             section = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            if t.starts_with("[[") {
+                // An array of tables: the key is shown as `[[process]] key`.
+                section = format!("[{section}]");
+            }
         }
         if i + 1 == line {
             let (k, _) = t.split_once('=')?;

@@ -321,3 +321,10 @@ fn only_processes_without_app_is_valid() {
         out.dump()
     );
 }
+
+#[test]
+fn unknown_process_key_is_rejected() {
+    let body = with_processes("restrat = \"always\"", "");
+    let (_d, out, text) = expect_invalid("proc_unknown_key", &body);
+    assert_names(&out, &text, "restrat = ", "[[process]] restrat");
+}
