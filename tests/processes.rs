@@ -530,11 +530,13 @@ fn hup_restarts_only_the_changed_process() {
             ),
         )
     };
-    let srv = s.start(&text("vanilla"));
+    let mut srv = s.start(&text("vanilla"));
     assert_eq!(get(b, "/env/FLAVOUR").text(), "vanilla\n");
     let (pa, pb) = (s.pid_of("steady").unwrap(), s.pid_of("changing").unwrap());
     s.write(&text("chocolate"));
     srv.signal(libc_sighup());
+    // Without a pool there is nothing to wait for: systemd hears READY=1 after RELOADING=1.
+    srv.wait_notification("reloaded", T);
     wait_until("changing restarted with the new env", T, || {
         try_get(b, "/env/FLAVOUR")
             .is_some_and(|r| r.status == 200 && r.text() == "chocolate\n")

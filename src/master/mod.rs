@@ -1091,6 +1091,12 @@ impl Master {
             workers = self.desired,
             "SIGHUP: configuration reloaded; starting new workers"
         );
+        if self.desired == 0 {
+            // No worker to wait for (only [[process]] entries): the reload is done now, and
+            // systemd, told RELOADING=1, must hear READY=1 again.
+            self.reloading = false;
+            systemd::ready(&format!("reloaded: serving on {}", self.cfg.bind));
+        }
     }
 
     fn spawn_one(&mut self) -> bool {
