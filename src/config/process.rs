@@ -589,6 +589,37 @@ mod tests {
     const TWO: &str = "[[process]]\nname = \"vllm\"\ncommand = [\"python3\", \"-m\", \"x\"]\nready = { http = \"http://127.0.0.1:8000/health\" }\nlisten = \"127.0.0.1:8000\"\n\n[[process]]\nname = \"chat\"\ncommand = [\"python3\", \"ui.py\"]\nafter = [\"vllm\"]\n";
 
     #[test]
+    fn urls_addresses_and_signals() {
+        use super::{parse_addr, parse_http_url, parse_signal};
+        let (a, host, path) = parse_http_url("http://127.0.0.1:8000/health").unwrap();
+        assert_eq!(
+            (a.to_string().as_str(), host.as_str(), path.as_str()),
+            ("127.0.0.1:8000", "127.0.0.1:8000", "/health")
+        );
+        assert_eq!(parse_http_url("http://localhost:9/").unwrap().0.port(), 9);
+        assert_eq!(parse_http_url("http://[::1]:8000").unwrap().2, "/");
+        for bad in [
+            "https://127.0.0.1:1/",
+            "http://example.com/x",
+            "http://127.0.0.1/x",
+            "127.0.0.1:1",
+            "http://127.0.0.1:0/",
+        ] {
+            assert!(parse_http_url(bad).is_err(), "{bad}");
+        }
+        assert!(parse_addr("127.0.0.1:65536").is_err());
+        assert_eq!(
+            parse_signal("TERM").unwrap(),
+            nix::sys::signal::Signal::SIGTERM
+        );
+        assert_eq!(
+            parse_signal("sigint").unwrap(),
+            nix::sys::signal::Signal::SIGINT
+        );
+        assert!(parse_signal("NOPE").is_err());
+    }
+
+    #[test]
     fn processes_without_app() {
         let c = p(TWO).expect("valid");
         assert!(!c.pool);
