@@ -156,6 +156,7 @@ fn environment(cfg: &Config, r: &mut Report) {
         }
     };
     match &cfg.app.kind {
+        _ if !cfg.pool => r.note("no [app]: no worker pool, only [[process]] entries"),
         AppKind::Wsgi { module, callable } => {
             let python = cfg.python_path();
             let mut cmd = Command::new(&python);
@@ -228,6 +229,7 @@ fn environment(cfg: &Config, r: &mut Report) {
             }
         }
     }
+    processes(cfg, r);
     for (target, what) in [
         (&cfg.log.access, "access log"),
         (&cfg.log.error, "error log"),
@@ -270,5 +272,40 @@ fn environment(cfg: &Config, r: &mut Report) {
             w.count,
             config::usable_cpus()
         ));
+    }
+}
+
+/// `[[process]]` entries: working directory, program, own log file.
+fn processes(cfg: &Config, r: &mut Report) {
+    for p in &cfg.processes {
+        let name = &p.name;
+        if let Err(e) = std::fs::read_dir(&p.chdir) {
+            r.error(&format!("process {name}: chdir {}: {e}", p.chdir.display()));
+        }
+        let prog = Path::new(&p.command[0]);
+        let found = if prog.components().count() > 1 {
+            let path = if prog.is_absolute() {
+                prog.to_path_buf()
+            } else {
+                p.chdir.join(prog)
+            };
+            path.is_file().then_some(path)
+        } else {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join(prog))
+                    .find(|f| f.is_file())
+            })
+        };
+        match found {
+            Some(f) => r.ok(&format!("process {name}: command {} found", f.display())),
+            None => r.error(&format!(
+                "process {name}: command {} not found",
+                p.command[0]
+            )),
+        }
+        if let Some(log) = &p.log {
+            check_file_target(r, log, &format!("process {name} log"));
+        }
     }
 }

@@ -16,7 +16,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/gte-supervisor/workers.toml";
     long_about = "Run a Python WSGI/HTTP service: a Rust master binds the public address, starts a \
 CPU-scaled pool of Python workers on private sockets and proxies each request to an idle worker. \
 It recycles workers after max_requests (+ jitter), enforces per-request timeouts, writes a pidfile \
-and access/error logs. Without a subcommand it runs in the foreground.\n\n\
+and access/error logs. It also supervises [[process]] entries (a model server, a chat UI): \
+started in dependency order, health-checked, restarted by policy, stopped in reverse order, \
+optionally routed to by path prefix. Without a subcommand it runs in the foreground.\n\n\
 Signals: TERM graceful stop, INT/QUIT fast stop, HUP reload, TTIN/TTOU one worker more/less, \
 USR1 reopen log files.\n\
 Exit status: 0 ok, 1 runtime error, 2 usage or invalid configuration, 3 the app failed to load, \
@@ -50,4 +52,10 @@ pub enum Command {
     Stop,
     /// Tell whether a master is running for this configuration.
     Status,
+    /// Restart one [[process]] of the running master (also clears its failed state).
+    Restart {
+        /// The process's `name` in workers.toml.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }

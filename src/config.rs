@@ -16,6 +16,8 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+pub mod process;
+
 /// A configuration error: file, optional line, the key it concerns and what is wrong.
 #[derive(Debug, Clone)]
 pub struct ConfigError {
@@ -192,6 +194,11 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub health: RawHealth,
+    /// Path prefixes routed to a `[[process]]` instead of the pool: `{ "/v1/" = "vllm" }`.
+    pub routes: Option<BTreeMap<String, String>>,
+    /// Supervised processes besides the pool (see [`process`]).
+    #[serde(default)]
+    pub process: Vec<RawProcess>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -214,6 +221,8 @@ pub struct RawApp {
     pub env: BTreeMap<String, String>,
     pub preload: Option<bool>,
     pub ready_timeout: Option<Dur>,
+    /// `[[process]]` names the pool waits for (ready) before its first workers start.
+    pub after: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -254,6 +263,35 @@ pub enum RawRotate {
     Bytes(i64),
     Word(String),
 }
+
+// ---------------------------------------------------------------------------------------------
+// [[process]]: supervised sidecar processes (issue #8). Validation lives in `config/process.rs`.
+// ---------------------------------------------------------------------------------------------
+
+/// One `[[process]]` entry as written.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawProcess {
+    pub name: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub chdir: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub user: Option<String>,
+    pub after: Option<Vec<String>>,
+    pub restart: Option<String>,
+    pub restart_delay: Option<Dur>,
+    pub start_limit_burst: Option<i64>,
+    pub start_limit_interval: Option<Dur>,
+    pub ready: Option<process::ReadySpec>,
+    pub start_timeout: Option<Dur>,
+    pub stop_signal: Option<String>,
+    pub stop_timeout: Option<Dur>,
+    pub listen: Option<String>,
+    pub log: Option<String>,
+}
+
+pub use process::{ProcessConfig, ReadyCheck, RestartPolicy, Route};
 
 /// What the workers run.
 #[derive(Debug, Clone, PartialEq)]
@@ -297,6 +335,14 @@ pub struct Config {
     pub workers: WorkersConfig,
     pub log: LogConfig,
     pub health: HealthConfig,
+    /// False when the file has no `[app]` (only `[[process]]` entries): no worker pool.
+    pub pool: bool,
+    /// Processes the pool waits for (`[app] after`).
+    pub pool_after: Vec<String>,
+    /// Supervised `[[process]]` entries, in file order.
+    pub processes: Vec<ProcessConfig>,
+    /// Path prefixes routed to processes, longest first.
+    pub routes: Vec<Route>,
 }
 
 /// The health probe of idle workers.
@@ -430,6 +476,10 @@ fn key_at_line(text: &str, line: usize) -> Option<String> {
         let t = l.trim();
         if t.starts_with('[') {
             section = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            if t.starts_with("[[") {
+                // An array of tables: the key is shown as `[[process]] key`.
+                section = format!("[{section}]");
+            }
         }
         if i + 1 == line {
             let (k, _) = t.split_once('=')?;
@@ -564,16 +614,28 @@ impl RawConfig {
             ));
         }
 
-        // [app]
-        let Some(app) = self.app else {
+        // [[process]] and routes (config/process.rs), then [app]
+        let (processes, routes) = process::resolve(
+            self.process,
+            self.routes.unwrap_or_default(),
+            text,
+            file,
+            &base,
+        )?;
+        let pool = self.app.is_some();
+        let Some(app) = self
+            .app
+            .or_else(|| (!processes.is_empty()).then(process::no_pool_app))
+        else {
             return Err(ConfigError {
                 file: file.to_path_buf(),
                 line: None,
                 key: "[app]".into(),
-                message: "missing: set [app] wsgi = \"module:callable\" or [app] command = [...]"
+                message: "missing: set [app] wsgi = \"module:callable\" or [app] command = [...] (or list [[process]] entries)"
                     .into(),
             });
         };
+        let pool_after = process::resolve_pool_after(app.after.clone(), &processes, text, file)?;
         let kind = match (app.wsgi, app.command) {
             (Some(_), Some(_)) => {
                 return Err(err(
@@ -649,6 +711,8 @@ impl RawConfig {
         // [workers]
         let w = self.workers;
         let (count, count_auto) = match w.count.unwrap_or(Count::Auto) {
+            // Only [[process]] entries: no worker pool at all.
+            _ if !pool => (0, false),
             Count::Auto => (2 * usable_cpus() + 1, true),
             Count::Fixed(n) if (1..=4096).contains(&n) => (n as usize, false),
             Count::Fixed(n) => {
@@ -894,6 +958,10 @@ impl RawConfig {
                 keep: keep as usize,
             },
             health,
+            pool,
+            pool_after,
+            processes,
+            routes,
         })
     }
 }
@@ -1000,6 +1068,11 @@ impl Config {
                 .unwrap_or_else(|| "(off)".into()),
         );
         match &self.app.kind {
+            // No [app]: the stand-in is never run; say so instead of showing it.
+            _ if !self.pool => line(
+                "app",
+                "(none: no worker pool, only [[process]] entries)".into(),
+            ),
             AppKind::Wsgi { module, callable } => {
                 line("app.wsgi", format!("\"{module}:{callable}\""))
             }
@@ -1069,6 +1142,52 @@ impl Config {
             },
         );
         line("log.keep", self.log.keep.to_string());
+        if !self.pool_after.is_empty() {
+            line("app.after", format!("{:?}", self.pool_after));
+        }
+        if !self.routes.is_empty() {
+            let r: Vec<String> = self
+                .routes
+                .iter()
+                .map(|r| format!("\"{}\" = \"{}\" ({})", r.prefix, r.process, r.addr))
+                .collect();
+            line("routes", format!("{{ {} }}", r.join(", ")));
+        }
+        for p in &self.processes {
+            let n = &p.name;
+            line(&format!("process.{n}.command"), format!("{:?}", p.command));
+            line(
+                &format!("process.{n}.chdir"),
+                format!("\"{}\"", p.chdir.display()),
+            );
+            if let Some((u, uid, _)) = &p.user {
+                line(&format!("process.{n}.user"), format!("\"{u}\" (uid {uid})"));
+            }
+            line(&format!("process.{n}.after"), format!("{:?}", p.after));
+            line(
+                &format!("process.{n}.restart"),
+                format!(
+                    "\"{}\" (delay {}s, limit {} starts in {}s)",
+                    p.restart.as_str(),
+                    p.restart_delay.as_secs_f64(),
+                    p.start_limit_burst,
+                    p.start_limit_interval.as_secs_f64()
+                ),
+            );
+            line(&format!("process.{n}.ready"), p.describe_ready());
+            line(
+                &format!("process.{n}.start_timeout"),
+                format!("{}s", p.start_timeout.as_secs_f64()),
+            );
+            line(
+                &format!("process.{n}.stop"),
+                format!(
+                    "{} then SIGKILL after {}s",
+                    p.stop_signal.as_str(),
+                    p.stop_timeout.as_secs_f64()
+                ),
+            );
+        }
         s
     }
 

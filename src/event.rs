@@ -120,4 +120,27 @@ pub enum Event {
     WorkerDrained {
         id: WorkerId,
     },
+    /// Something happened to a supervised `[[process]]`.
+    Process(ProcessEvent),
+}
+
+/// Events of the `[[process]]` supervisor (see `process`). `run` numbers each start of a
+/// process, so a late event about an earlier run is recognised and ignored.
+#[derive(Debug)]
+pub enum ProcessEvent {
+    /// The process (its leader) exited and was reaped.
+    Exited {
+        name: String,
+        run: u64,
+        status: ExitStatus,
+    },
+    /// A readiness / health check finished.
+    Checked {
+        name: String,
+        run: u64,
+        ok: bool,
+        detail: String,
+    },
+    /// The process sent `READY=1` on its `NOTIFY_SOCKET`.
+    Notified { name: String, run: u64 },
 }

@@ -12,6 +12,10 @@
 //! slot from the [`proxy::pool::IdlePool`] (never asking the master), forwards, streams the
 //! answer back and returns the slot. Trouble (timeouts, dead workers, spent budgets) goes up to the
 //! master as events. Dependencies point one way: master → proxy → worker → config.
+//!
+//! Beside the pool the master supervises `[[process]]` entries ([`process`]): sidecar programs
+//! started in dependency order, restarted by policy, health-checked, stopped in reverse order;
+//! the proxy can route path prefixes to them. Their table is owned by the master task as well.
 
 pub mod check;
 pub mod cli;
@@ -23,6 +27,7 @@ pub mod master;
 pub mod metrics;
 pub mod migrate;
 pub mod pidfile;
+pub mod process;
 pub mod proxy;
 pub mod systemd;
 pub mod upgrade;

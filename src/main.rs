@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         Some(Command::Reload) => control(&cli.config, nix::sys::signal::Signal::SIGHUP),
         Some(Command::Stop) => control(&cli.config, nix::sys::signal::Signal::SIGTERM),
         Some(Command::Status) => status(&cli.config),
+        Some(Command::Restart { name }) => restart(&cli.config, &name),
     };
     ExitCode::from(code as u8)
 }
@@ -347,6 +348,26 @@ fn control(config_path: &Path, sig: nix::sys::signal::Signal) -> i32 {
         println!("sent {sig} to master pid {pid}");
     }
     exit::OK
+}
+
+/// `restart NAME`: asks the master, over its control socket, to restart one `[[process]]`.
+fn restart(config_path: &Path, name: &str) -> i32 {
+    let (path, pid) = match master_pid(config_path) {
+        Ok(x) => x,
+        Err((code, msg)) => return fail(code, msg),
+    };
+    let socket = master::control::control_path(&path);
+    match master::control::request(&socket, &format!("restart {name}")) {
+        Ok(text) if text.starts_with("restarting") => {
+            print!("{text}");
+            exit::OK
+        }
+        Ok(text) => fail(exit::RUNTIME, text.trim_end()),
+        Err(e) => fail(
+            exit::RUNTIME,
+            format!("master pid {pid}: its control socket did not answer: {e}"),
+        ),
+    }
 }
 
 fn status(config_path: &Path) -> i32 {

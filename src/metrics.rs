@@ -47,6 +47,7 @@ const QUEUE_BUCKETS: [f64; 14] = [
 type Labels2 = [(&'static str, &'static str); 2];
 type Labels1 = [(&'static str, &'static str); 1];
 type WorkerLabel = [(&'static str, String); 1];
+type ProcessLabel = [(&'static str, String); 1];
 
 /// What the scrape samples from the proxy and the logs.
 #[derive(Debug, Default, Clone, Copy)]
@@ -76,6 +77,8 @@ pub struct Metrics {
     workers_ready: Gauge,
     slots: Family<Labels1, Gauge>,
     worker_rss: Family<WorkerLabel, Gauge>,
+    process_up: Family<ProcessLabel, Gauge>,
+    process_restarts: Family<ProcessLabel, Counter>,
     uptime: Gauge<f64, AtomicU64>,
     generation: Gauge,
     dropped_log_lines: Counter,
@@ -167,6 +170,18 @@ impl Metrics {
             "Resident memory of each live worker process, sampled at scrape time",
             worker_rss.clone(),
         );
+        let process_up = Family::<ProcessLabel, Gauge>::default();
+        registry.register(
+            "gte_process_up",
+            "1 while a [[process]] is running and ready, 0 otherwise",
+            process_up.clone(),
+        );
+        let process_restarts = Family::<ProcessLabel, Counter>::default();
+        registry.register(
+            "gte_process_restarts",
+            "Restarts of each [[process]] (by its restart policy, health check, restart NAME or reload)",
+            process_restarts.clone(),
+        );
         let uptime = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "gte_master_uptime_seconds",
@@ -210,6 +225,8 @@ impl Metrics {
             workers_ready,
             slots,
             worker_rss,
+            process_up,
+            process_restarts,
             uptime,
             generation,
             dropped_log_lines,
@@ -275,6 +292,20 @@ impl Metrics {
             w.remove(&id);
         }
         self.restarts.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// A `[[process]]` became ready (`up`) or stopped being so.
+    pub fn process_up(&self, name: &str, up: bool) {
+        self.process_up
+            .get_or_create(&[("process", name.to_string())])
+            .set(up as i64);
+    }
+
+    /// A `[[process]]` was restarted `n` more times.
+    pub fn process_restarted(&self, name: &str, n: u64) {
+        self.process_restarts
+            .get_or_create(&[("process", name.to_string())])
+            .inc_by(n);
     }
 
     /// The configuration was reloaded.

@@ -206,3 +206,145 @@ fn preload_with_a_command_app_is_rejected() {
     assert_names(&out, &text, "preload = true", "preload");
     assert!(out.all().contains("bundled WSGI worker"), "{}", out.dump());
 }
+
+// ---------------------------------------------------------------------------------------------
+// [[process]] entries and routes (issue #8)
+// ---------------------------------------------------------------------------------------------
+
+/// Two processes after the valid base config: "model" and "ui" (ui after model).
+fn with_processes(extra_model: &str, extra_ui: &str) -> String {
+    format!(
+        "{VALID}\n[[process]]\nname = \"model\"\ncommand = [\"{{python}}\", \"-m\", \"http.server\"]\n{extra_model}\n\n[[process]]\nname = \"ui\"\ncommand = [\"{{python}}\", \"-c\", \"pass\"]\nafter = [\"model\"]\n{extra_ui}\n"
+    )
+}
+
+#[test]
+fn process_with_unknown_dependency_is_rejected() {
+    let body = with_processes("", "").replace("after = [\"model\"]", "after = [\"modle\"]");
+    let (_d, out, text) = expect_invalid("proc_unknown_dep", &body);
+    assert_names(&out, &text, "after = [\"modle\"]", "[[process]] after");
+    assert!(
+        out.all().contains("unknown dependency \"modle\""),
+        "{}",
+        out.dump()
+    );
+}
+
+#[test]
+fn process_dependency_cycle_is_rejected() {
+    let body = with_processes("after = [\"ui\"]", "");
+    let (_d, out, text) = expect_invalid("proc_cycle", &body);
+    assert_names(&out, &text, "after = [\"ui\"]", "[[process]] after");
+    assert!(
+        out.all().contains("dependency cycle: model -> ui -> model"),
+        "{}",
+        out.dump()
+    );
+}
+
+#[test]
+fn duplicate_process_name_is_rejected() {
+    let body = with_processes("", "").replace("name = \"ui\"", "name = \"model\"");
+    let (_d, out, text) = expect_invalid("proc_duplicate", &body);
+    // the second `name = "model"` is the duplicate
+    let first = line_of(&text, "name = \"model\"");
+    let second = text
+        .lines()
+        .enumerate()
+        .skip(first)
+        .find(|(_, l)| l.contains("name = \"model\""))
+        .map(|(i, _)| i + 1)
+        .unwrap();
+    assert!(
+        out.all()
+            .contains(&format!("workers.toml:{second}: [[process]] name")),
+        "{}",
+        out.dump()
+    );
+    assert!(out.all().contains("duplicate name"), "{}", out.dump());
+}
+
+#[test]
+fn empty_process_command_is_rejected() {
+    let body = with_processes("", "").replace("[\"{python}\", \"-c\", \"pass\"]", "[]");
+    let (_d, out, text) = expect_invalid("proc_empty_command", &body);
+    assert_names(&out, &text, "command = []", "[[process]] command");
+}
+
+#[test]
+fn bad_ready_url_is_rejected() {
+    let body = with_processes("ready = { http = \"https://127.0.0.1:8000/health\" }", "");
+    let (_d, out, text) = expect_invalid("proc_bad_url", &body);
+    assert_names(&out, &text, "ready = {", "[[process]] ready");
+    assert!(out.all().contains("http://"), "{}", out.dump());
+    let body = with_processes("ready = { http = \"http://model-host/health\" }", "");
+    let (_d, out, text) = expect_invalid("proc_bad_url_host", &body);
+    assert_names(&out, &text, "ready = {", "[[process]] ready");
+}
+
+#[test]
+fn route_to_a_missing_process_is_rejected() {
+    let body = with_processes("listen = \"127.0.0.1:9\"", "")
+        .replace("pidfile =", "routes = { \"/v1/\" = \"vllm\" }\npidfile =");
+    let (_d, out, text) = expect_invalid("route_no_process", &body);
+    assert_names(&out, &text, "routes = {", "routes");
+    assert!(
+        out.all().contains("no [[process]] has that name"),
+        "{}",
+        out.dump()
+    );
+    // A process without a listen address cannot be routed to either.
+    let body =
+        with_processes("", "").replace("pidfile =", "routes = { \"/\" = \"ui\" }\npidfile =");
+    let (_d, out, _) = expect_invalid("route_no_listen", &body);
+    assert!(out.all().contains("no listen address"), "{}", out.dump());
+}
+
+#[test]
+fn process_user_needs_root_or_must_exist() {
+    let root = fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let body = with_processes("user = \"no-such-user-gte\"", "");
+    let (_d, out, text) = expect_invalid("proc_user_unknown", &body);
+    assert_names(&out, &text, "user = ", "[[process]] user");
+    assert!(out.all().contains("no such user"), "{}", out.dump());
+    if !root {
+        let body = with_processes("user = \"root\"", "");
+        let (_d, out, text) = expect_invalid("proc_user_root", &body);
+        assert_names(&out, &text, "user = ", "[[process]] user");
+        assert!(out.all().contains("needs root"), "{}", out.dump());
+    }
+}
+
+#[test]
+fn only_processes_without_app_is_valid() {
+    let start = VALID.find("[app]").unwrap();
+    let end = VALID.find("[workers]").unwrap();
+    let body = format!(
+        "{}{}\n[[process]]\nname = \"solo\"\ncommand = [\"{{python}}\", \"-c\", \"pass\"]\n",
+        &VALID[..start],
+        &VALID[end..]
+    );
+    let dir = TestDir::new("proc_only_check");
+    let cfg = write_config(&dir, "workers.toml", &body, free_port());
+    let out = run_bin(
+        &dir,
+        &["check", "-c", cfg.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    assert!(
+        out.stdout.contains("process.solo.command"),
+        "{}",
+        out.dump()
+    );
+}
+
+#[test]
+fn unknown_process_key_is_rejected() {
+    let body = with_processes("restrat = \"always\"", "");
+    let (_d, out, text) = expect_invalid("proc_unknown_key", &body);
+    assert_names(&out, &text, "restrat = ", "[[process]] restrat");
+}

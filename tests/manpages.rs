@@ -134,6 +134,10 @@ fn packaged_keys() -> BTreeSet<Key> {
         let t = line.trim();
         let t = t.strip_prefix('#').map(str::trim).unwrap_or(t);
         if let Some(h) = t.strip_prefix('[') {
+            // `[[process]]` (an array of tables) counts as table `process`.
+            let h = h
+                .strip_prefix('[')
+                .map_or(h, |inner| inner.strip_suffix(']').unwrap_or(inner));
             if let Some(name) = h.strip_suffix(']') {
                 if is_ident(name) {
                     table = name.to_string();
@@ -184,6 +188,13 @@ fn defined_terms(page: &str) -> BTreeMap<String, BTreeSet<String>> {
     for line in page.lines() {
         if let Some(h) = line.strip_prefix(".SH ") {
             section = unescape(h.trim().trim_matches('"'));
+            // An array of tables (`.SH [[process]]`) holds the keys of table `process`.
+            if let Some(inner) = section
+                .strip_prefix("[[")
+                .and_then(|s| s.strip_suffix("]]"))
+            {
+                section = format!("[{inner}]");
+            }
             after_tp = false;
             depth = 0;
             continue;
@@ -245,7 +256,9 @@ fn every_config_key_is_defined_in_workers_toml_5() {
 
     for table in &tables {
         assert!(
-            terms.contains_key(&section_of(table)) || page.contains(&format!(".SH [{table}]")),
+            terms.contains_key(&section_of(table))
+                || page.contains(&format!(".SH [{table}]"))
+                || page.contains(&format!(".SH [[{table}]]")),
             "man/workers.toml.5 has no `.SH [{table}]` section"
         );
     }

@@ -145,6 +145,8 @@ pub struct Master {
     /// child subreaper); reaped if still there at the next one.
     zombies_seen: Vec<u32>,
     next_orphan_sweep: Instant,
+    /// The `[[process]]` supervisor (issue #8).
+    processes: crate::process::Supervisor,
 }
 
 /// The pieces `main` hands over.
@@ -190,6 +192,12 @@ impl Master {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (grace_tx, grace_rx) = watch::channel(parts.cfg.workers.graceful_timeout);
         let (listener_tx, listener_rx) = tokio::sync::mpsc::unbounded_channel();
+        let processes = crate::process::Supervisor::new(
+            &parts.cfg,
+            events_tx.clone(),
+            parts.runtime_dir.clone(),
+            parts.shared.metrics.clone(),
+        );
         let server = tokio::spawn(crate::proxy::serve(
             parts.listener,
             parts.shared.clone(),
@@ -235,6 +243,7 @@ impl Master {
             warm: None,
             zombies_seen: Vec::new(),
             next_orphan_sweep: Instant::now() + ORPHAN_SWEEP_EVERY,
+            processes,
         }
     }
 
@@ -247,6 +256,8 @@ impl Master {
     pub async fn run(mut self) -> i32 {
         tracing::info!(bind = %self.cfg.bind, workers = self.desired, pid = std::process::id(), "starting");
         self.reconcile();
+        self.processes.reconcile();
+        self.after_process_events();
         loop {
             let wake = self.next_wakeup();
             let draining = self.phase == Phase::DrainingConnections;
@@ -263,6 +274,17 @@ impl Master {
             }
             self.reconcile();
             if self.phase == Phase::StoppingWorkers && self.workers.is_empty() {
+                // [[process]] entries stop after the pool, in reverse dependency order; a fast
+                // stop (no grace) stops them all at once.
+                let fast = self.grace_tx.borrow().is_zero();
+                self.processes.begin_stop(fast);
+            }
+            self.processes.reconcile();
+            self.after_process_events();
+            if self.phase == Phase::StoppingWorkers
+                && self.workers.is_empty()
+                && self.processes.all_stopped()
+            {
                 break;
             }
         }
@@ -294,11 +316,15 @@ impl Master {
                 t = t.min(k);
             }
         }
+        if let Some(p) = self.processes.next_deadline() {
+            t = t.min(p);
+        }
         t
     }
 
     fn on_timer(&mut self) {
         let now = Instant::now();
+        self.processes.on_timer(now);
         if self.spawn_not_before.is_some_and(|t| t <= now) {
             self.spawn_not_before = None;
         }
@@ -405,6 +431,7 @@ impl Master {
                     w.probing = false;
                 }
             }
+            Event::Process(e) => self.processes.handle(e),
             Event::WorkerDrained { id } => {
                 if self
                     .workers
@@ -422,6 +449,9 @@ impl Master {
             SignalKind::Terminate => self.begin_stop(true),
             SignalKind::Quick => self.begin_stop(false),
             SignalKind::Reload => self.reload(),
+            SignalKind::Increment if !self.cfg.pool => {
+                tracing::info!("SIGTTIN ignored: no [app], so no worker pool");
+            }
             SignalKind::Increment => {
                 self.desired += 1;
                 tracing::info!(workers = self.desired, "SIGTTIN: one worker more");
@@ -434,6 +464,7 @@ impl Master {
             }
             SignalKind::ReopenLogs => {
                 self.logs.reopen();
+                self.processes.reopen_logs();
                 tracing::info!("SIGUSR1: log files reopened");
             }
             SignalKind::Upgrade => self.upgrade(),
@@ -468,14 +499,7 @@ impl Master {
                 );
                 self.shared.pool.add(w.info.make_slots(slots));
                 self.update_ready_count();
-                if !self.booted && self.ready_fresh() >= self.desired {
-                    self.booted = true;
-                    let msg = format!("serving on {} with {} workers", self.cfg.bind, self.desired);
-                    tracing::info!(bind = %self.cfg.bind, workers = self.desired, "ready");
-                    systemd::ready(&msg);
-                    crate::upgrade::report_ready();
-                    crate::daemon::report_ready();
-                }
+                self.boot_if_ready();
                 if self.reloading && self.ready_fresh() >= self.desired {
                     self.reloading = false;
                     tracing::info!(
@@ -872,6 +896,10 @@ impl Master {
             tracing::warn!("SIGUSR2 ignored: an upgrade or a stop is already under way");
             return;
         }
+        if !self.processes.is_empty() {
+            tracing::error!("SIGUSR2 refused: with [[process]] entries a second master would start them twice (ports in use); restart the service instead");
+            return;
+        }
         let (Some(exe), Some(fd)) = (self.exe.clone(), self.listen_fd.as_ref()) else {
             tracing::error!("SIGUSR2: cannot upgrade: the binary path or the listener is unknown");
             return;
@@ -919,7 +947,12 @@ impl Master {
                 self.begin_stop(true);
                 "graceful stop requested\n".into()
             }
-            other => format!("unknown command {other:?}: use status, reload or stop\n"),
+            other if other.starts_with("restart ") => {
+                self.processes.restart(other["restart ".len()..].trim())
+            }
+            other => {
+                format!("unknown command {other:?}: use status, reload, stop or restart NAME\n")
+            }
         }
     }
 
@@ -986,6 +1019,7 @@ impl Master {
                 note
             );
         }
+        out.push_str(&self.processes.status_text());
         if !self.last_exits.is_empty() {
             let _ = writeln!(out, "last exits:");
             for e in &self.last_exits {
@@ -993,6 +1027,48 @@ impl Master {
             }
         }
         out
+    }
+
+    /// Boot is complete once the pool is ready and every `[[process]]` has been ready once:
+    /// READY=1 to systemd, readiness to an upgrading old master or a waiting daemon parent.
+    fn boot_if_ready(&mut self) {
+        if self.booted
+            || self.phase != Phase::Running
+            || self.ready_fresh() < self.desired
+            || !self.processes.all_ready_once()
+        {
+            return;
+        }
+        self.booted = true;
+        let msg = format!("serving on {} with {} workers", self.cfg.bind, self.desired);
+        tracing::info!(bind = %self.cfg.bind, workers = self.desired, "ready");
+        systemd::ready(&msg);
+        crate::upgrade::report_ready();
+        crate::daemon::report_ready();
+    }
+
+    /// After every event: process readiness for `/-/ready`, boot, and a process that failed
+    /// before the service ever came up (like an app that cannot load: stop, exit 3).
+    fn after_process_events(&mut self) {
+        if self.processes.is_empty() {
+            return;
+        }
+        self.shared
+            .processes_ready
+            .store(self.processes.all_running(), Ordering::Relaxed);
+        if !self.booted && self.phase == Phase::Running {
+            let failed = self.processes.failed();
+            if !failed.is_empty() {
+                tracing::error!(processes = ?failed, "a process failed before the service was ready; stopping");
+                if !matches!(self.cfg.log.error, config::LogTarget::Stderr) {
+                    eprintln!("gte-supervisor: process {} failed before the service was ready; see the error log", failed.join(", "));
+                }
+                self.exit_code = exit::APP_LOAD;
+                self.begin_stop(false);
+                return;
+            }
+            self.boot_if_ready();
+        }
     }
 
     /// The request ran past its timeout: abort the worker (faulthandler dumps its threads), kill after a grace.
@@ -1189,6 +1265,12 @@ impl Master {
             fixed.push("metrics");
             new.metrics = old.metrics;
         }
+        if new.pool != old.pool {
+            fixed.push("[app] (adding or removing the worker pool)");
+            new.pool = old.pool;
+            new.app = old.app.clone();
+            new.workers.count = old.workers.count;
+        }
         if std::mem::discriminant(&new.app.kind) != std::mem::discriminant(&old.app.kind) {
             fixed.push("[app] wsgi/command kind");
             new.app.kind = old.app.kind.clone();
@@ -1201,6 +1283,7 @@ impl Master {
         if let Some(m) = &self.shared.metrics {
             m.config_reloaded(self.generation, new.workers.concurrency(&new.app.kind));
         }
+        self.processes.apply(&new);
         self.desired = new.workers.count;
         self.shared.pool.set_queue_limit(new.workers.queue);
         self.shared.set_settings(Settings::from_config(&new));
@@ -1216,6 +1299,12 @@ impl Master {
             workers = self.desired,
             "SIGHUP: configuration reloaded; starting new workers"
         );
+        if self.desired == 0 {
+            // No worker to wait for (only [[process]] entries): the reload is done now, and
+            // systemd, told RELOADING=1, must hear READY=1 again.
+            self.reloading = false;
+            systemd::ready(&format!("reloaded: serving on {}", self.cfg.bind));
+        }
     }
 
     fn spawn_one(&mut self) -> bool {
@@ -1321,6 +1410,10 @@ impl Master {
     /// Closes the gap between the workers wanted and the workers there are.
     fn reconcile(&mut self) {
         if self.phase != Phase::Running {
+            return;
+        }
+        // `[app] after`: the pool (and its warm process) waits until those processes are ready.
+        if !self.processes.pool_may_start(&self.cfg.pool_after) {
             return;
         }
         self.ensure_warm();

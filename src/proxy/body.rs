@@ -17,6 +17,8 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     Wire(Box<WireBody>),
     Http(Box<HttpBody>),
+    /// Streamed from a routed `[[process]]`.
+    Routed(Box<super::route::RoutedBody>),
 }
 
 impl ProxyBody {
@@ -45,6 +47,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Wire(w) => w.poll_next(cx),
             ProxyBody::Http(h) => Pin::new(h.as_mut()).poll_frame(cx),
+            ProxyBody::Routed(r) => Pin::new(r.as_mut()).poll_frame(cx),
         }
     }
 
@@ -53,6 +56,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Wire(w) => w.is_done(),
             ProxyBody::Http(h) => h.is_end_stream(),
+            ProxyBody::Routed(r) => r.is_end_stream(),
         }
     }
 
@@ -61,6 +65,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Wire(_) => SizeHint::default(),
             ProxyBody::Http(h) => h.size_hint(),
+            ProxyBody::Routed(r) => r.size_hint(),
         }
     }
 }

@@ -37,7 +37,7 @@ async fn connect(addr: &WorkerAddr) -> Result<HttpConn, BoxError> {
     Ok(sender)
 }
 
-fn is_upgrade<B>(req: &Request<B>) -> bool {
+pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.headers().contains_key(header::UPGRADE)
         && req.headers().get_all(header::CONNECTION).iter().any(|v| {
             v.to_str().is_ok_and(|s| {

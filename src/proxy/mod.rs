@@ -7,6 +7,7 @@ pub mod body;
 pub mod http;
 pub mod pool;
 pub mod probe;
+pub mod route;
 pub mod wire;
 
 use std::convert::Infallible;
@@ -43,6 +44,10 @@ pub struct Settings {
     pub limit_request_fields: usize,
     /// Per-path-prefix timeouts, longest prefix first.
     pub path_timeouts: Vec<(String, Duration)>,
+    /// False when there is no `[app]`: only routes are served.
+    pub pool: bool,
+    /// Path prefixes routed to `[[process]]` addresses, longest first.
+    pub routes: Vec<(String, SocketAddr)>,
 }
 
 impl Settings {
@@ -68,6 +73,12 @@ impl Settings {
             limit_request_header: cfg.limit_request_header,
             limit_request_fields: cfg.limit_request_fields,
             path_timeouts: cfg.workers.path_timeouts.clone(),
+            pool: cfg.pool,
+            routes: cfg
+                .routes
+                .iter()
+                .map(|r| (r.prefix.clone(), r.addr))
+                .collect(),
         }
     }
 }
@@ -86,6 +97,8 @@ pub struct Shared {
     connections_gone: Notify,
     /// Set when the listener closes for a stop: responses then carry `Connection: close`.
     stopping: std::sync::atomic::AtomicBool,
+    /// Every `[[process]]` is ready (the readiness path uses it when there is no pool).
+    pub processes_ready: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -104,6 +117,7 @@ impl Shared {
             open_connections: AtomicUsize::new(0),
             connections_gone: Notify::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            processes_ready: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -143,6 +157,7 @@ impl Shared {
 pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
     let text = match status {
         StatusCode::BAD_REQUEST => "Bad Request\n",
+        StatusCode::NOT_FOUND => "Not Found\n",
         StatusCode::PAYLOAD_TOO_LARGE => "Payload Too Large\n",
         StatusCode::BAD_GATEWAY => "Bad Gateway\n",
         StatusCode::SERVICE_UNAVAILABLE => "Service Unavailable\n",
@@ -174,7 +189,11 @@ pub async fn handle(
     if req.uri().path() == settings.ready_path
         && (req.method() == ::http::Method::GET || req.method() == ::http::Method::HEAD)
     {
-        let ready = shared.ready_workers.load(Ordering::Relaxed);
+        let ready = if settings.pool {
+            shared.ready_workers.load(Ordering::Relaxed)
+        } else {
+            shared.processes_ready.load(Ordering::Relaxed) as usize
+        };
         let (status, text) = if ready > 0 {
             (StatusCode::OK, "OK\n")
         } else {
@@ -212,6 +231,12 @@ pub async fn handle(
         }
     }
 
+    if let Some(addr) = route::target(&settings.routes, req.uri().path()) {
+        return Ok(route::forward(req, addr, client_ip_string, record, &shared).await);
+    }
+    if !settings.pool {
+        return Ok(shared.reject(StatusCode::NOT_FOUND, record));
+    }
     let timeout = settings.timeout_for(req.uri().path());
     if !settings.wsgi {
         return Ok(http::forward(&shared, req, client_ip_string, record, timeout).await);
