@@ -85,22 +85,7 @@ pub fn spawn(
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
     }
-    let master_pid = std::process::id() as i32;
-    // SAFETY: only async-signal-safe calls (prctl, getppid, setpgid, _exit) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Die with the master, even when it is SIGKILLed (set after any setuid, which clears it).
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() != master_pid {
-                libc::_exit(1);
-            }
-            // Own process group: the master stops the program and every helper it forked together.
-            libc::setpgid(0, 0);
-            Ok(())
-        });
-    }
+    crate::worker::spawn::guard_child(&mut cmd, std::process::id(), [None, None]);
     let mut child = cmd.spawn()?;
     let pid = child.id().unwrap_or(0);
     if let Some(out) = child.stdout.take() {

@@ -196,24 +196,30 @@ pub(crate) fn prepare_command(
     } else {
         cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
     }
+    guard_child(cmd, master_pid, [fd_a, fd_b]);
+}
+
+/// In the child, between fork and exec: die with the master (PDEATHSIG, also when it is
+/// SIGKILLed; set after any setuid, which clears it), exit if the master is already gone, take a
+/// process group of its own (a terminal's Ctrl-C reaches the master only, which stops children in
+/// order; a program's helpers are signalled as a group), and inherit `fds` as `(fd, number in the
+/// child)`.
+pub(crate) fn guard_child(cmd: &mut Command, master_pid: u32, fds: [Option<(i32, i32)>; 2]) {
     let master_pid = master_pid as i32;
     // SAFETY: only async-signal-safe calls (prctl, getppid, setpgid, dup2, fcntl, _exit) between
     // fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            // Die with the master, even when it is SIGKILLed.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
             if libc::getppid() != master_pid {
                 libc::_exit(1);
             }
-            // Own process group: a terminal's Ctrl-C reaches the master only, which stops workers
-            // in order; and a `command` worker's helpers can be signalled as a group.
             libc::setpgid(0, 0);
             // The targets (3, 4) are above stdio and the sources are CLOEXEC descriptors the
             // master made, so a dup2 never clobbers the other source unless it is the target.
-            for (fd, target) in [fd_a, fd_b].into_iter().flatten() {
+            for (fd, target) in fds.into_iter().flatten() {
                 if fd == target {
                     let flags = libc::fcntl(fd, libc::F_GETFD);
                     libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
