@@ -228,10 +228,16 @@ fn forked_workers_are_timed_out_replaced_and_die_with_the_master() {
         "504 after {:?}",
         t0.elapsed()
     );
-    fx.srv
+    let tb = fx
+        .srv
         .wait_error_log_line("the timeout traceback", Duration::from_secs(10), |l| {
             l.contains("stuck_in_model_call")
         });
+    // A forked worker's output lines carry its pid (known only once it reported it).
+    assert!(
+        tb.contains(" pid=") && !tb.contains(" pid=0 "),
+        "output line without the worker's pid: {tb}"
+    );
     fx.srv
         .wait_error_log_line("the reaped worker", Duration::from_secs(10), |l| {
             l.contains("worker exited") && l.contains("reason=\"timeout\"")

@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -236,8 +237,15 @@ pub(crate) fn guard_child(cmd: &mut Command, master_pid: u32, fds: [Option<(i32,
 /// log; returns the buffer of its last stderr lines.
 pub(crate) fn capture_child_output(child: &mut Child, id: WorkerId, pid: u32) -> RecentOutput {
     let recent: RecentOutput = Arc::new(Mutex::new(VecDeque::new()));
+    let pid = Arc::new(AtomicU32::new(pid));
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(copy_output(BufReader::new(out), id, pid, "stdout", None));
+        tokio::spawn(copy_output(
+            BufReader::new(out),
+            id,
+            pid.clone(),
+            "stdout",
+            None,
+        ));
     }
     if let Some(err) = child.stderr.take() {
         tokio::spawn(copy_output(
@@ -251,10 +259,12 @@ pub(crate) fn capture_child_output(child: &mut Child, id: WorkerId, pid: u32) ->
     recent
 }
 
+/// Copies a worker's output into the error log, line by line. `pid` is shared because a forked
+/// worker's pid is known only once it reports it.
 pub(crate) async fn copy_output<R: tokio::io::AsyncBufRead + Unpin>(
     mut r: R,
     id: WorkerId,
-    pid: u32,
+    pid: Arc<AtomicU32>,
     stream: &'static str,
     recent: Option<RecentOutput>,
 ) {
@@ -266,6 +276,7 @@ pub(crate) async fn copy_output<R: tokio::io::AsyncBufRead + Unpin>(
             Ok(_) => {
                 let text = String::from_utf8_lossy(&line);
                 let text = text.trim_end_matches(['\n', '\r']);
+                let pid = pid.load(Ordering::Relaxed);
                 tracing::info!(target: "gte_supervisor::worker_output", worker = id, pid, stream, "{text}");
                 if let Some(recent) = &recent {
                     if let Ok(mut q) = recent.lock() {

@@ -14,6 +14,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{
@@ -145,25 +147,18 @@ impl Warm {
             ))
         })?;
         drop((status_child, out_write, err_write));
-        if let Some(r) = out_read {
-            let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(r)?;
-            tokio::spawn(spawn::copy_output(
-                BufReader::new(rx),
-                id,
-                0,
-                "stdout",
-                None,
-            ));
-        }
-        if let Some(r) = err_read {
-            let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(r)?;
-            tokio::spawn(spawn::copy_output(
-                BufReader::new(rx),
-                id,
-                0,
-                "stderr",
-                None,
-            ));
+        let pid = Arc::new(AtomicU32::new(0)); // set by watch_forked when the worker reports it
+        for (read, stream) in [(out_read, "stdout"), (err_read, "stderr")] {
+            if let Some(r) = read {
+                let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(r)?;
+                tokio::spawn(spawn::copy_output(
+                    BufReader::new(rx),
+                    id,
+                    pid.clone(),
+                    stream,
+                    None,
+                ));
+            }
         }
         status_parent.set_nonblocking(true)?;
         let status = tokio::net::UnixStream::from_std(status_parent)?;
@@ -172,6 +167,7 @@ impl Warm {
             status,
             cfg.app.ready_timeout,
             ctx.events.clone(),
+            pid,
         ));
         Ok(Spawned {
             pid: 0,
@@ -210,10 +206,12 @@ async fn watch_forked(
     mut status: tokio::net::UnixStream,
     ready_timeout: Duration,
     events: UnboundedSender<Event>,
+    shared_pid: Arc<AtomicU32>,
 ) {
     let mut pidfd: Option<(u32, io::Result<OwnedFd>)> = None;
     let result = spawn::read_status(&mut status, ready_timeout, |pid| {
         if pidfd.is_none() {
+            shared_pid.store(pid, Ordering::Relaxed);
             pidfd = Some((pid, pidfd_open(pid)));
             let _ = events.send(Event::WorkerForked { id, pid });
         }
