@@ -348,3 +348,11 @@ fn unknown_process_key_is_rejected() {
     let (_d, out, text) = expect_invalid("proc_unknown_key", &body);
     assert_names(&out, &text, "restrat = ", "[[process]] restrat");
 }
+
+#[test]
+fn pipeline_out_of_range_is_rejected() {
+    let body = VALID.replace("count = 2\n", "count = 2\npipeline = 0\n");
+    let (_d, out, text) = expect_invalid("pipeline_zero", &body);
+    assert_names(&out, &text, "pipeline = 0", "pipeline");
+    assert!(out.all().contains("1..=8"), "{}", out.dump());
+}

@@ -25,6 +25,29 @@ fn send_get(fx: &Fx, path: &str) -> Http {
     c
 }
 
+/// Sends `path` (a lifeapp route) and waits until the app is running it.
+fn send_get_inside(fx: &Fx, path: &str, name: &str) -> Http {
+    let mark = fx.dir.join(name);
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let c = send_get(
+        fx,
+        &format!("{path}{sep}mark={}", pct(mark.to_str().unwrap())),
+    );
+    wait_until(
+        "the request to be inside the app",
+        Duration::from_secs(15),
+        || mark.exists().then_some(()),
+    );
+    c
+}
+
+/// Requests enough to give both workers a (fast) service-time average.
+fn warm_up(fx: &Fx) {
+    for _ in 0..20 {
+        assert_eq!(fx.srv.get("/pid").status, 200);
+    }
+}
+
 #[test]
 fn a_fast_request_never_waits_behind_a_slow_one_while_a_worker_is_idle() {
     let fx = start_life("pipeline_fair", |c| {
@@ -32,12 +55,8 @@ fn a_fast_request_never_waits_behind_a_slow_one_while_a_worker_is_idle() {
             .set("workers", "pipeline", "2")
     });
     // Both workers have been fast so far: pipelining would be allowed onto either.
-    for _ in 0..20 {
-        assert_eq!(fx.srv.get("/pid").status, 200);
-    }
-    let mut slow = send_get(&fx, "/stuck?s=2");
-    // Give the slow request time to reach its worker (it is then that worker's only request).
-    std::thread::sleep(Duration::from_millis(200));
+    warm_up(&fx);
+    let mut slow = send_get_inside(&fx, "/stuck?s=2", "slow-started");
     let mut fast_pids = Vec::new();
     for _ in 0..10 {
         let t0 = Instant::now();
@@ -116,15 +135,11 @@ fn a_request_waiting_behind_a_crash_is_answered_by_another_worker() {
         c.set("workers", "count", "2")
             .set("workers", "pipeline", "2")
     });
-    for _ in 0..20 {
-        assert_eq!(fx.srv.get("/pid").status, 200);
-    }
+    warm_up(&fx);
     // Both workers busy: one is about to die, the other is slow; neither is idle, both have been
     // fast, so the next requests are sent ahead to wait in their sockets.
-    let mut dying = send_get(&fx, "/exit?s=0.5");
-    std::thread::sleep(Duration::from_millis(100));
-    let mut slow = send_get(&fx, "/stuck?s=1");
-    std::thread::sleep(Duration::from_millis(100));
+    let mut dying = send_get_inside(&fx, "/exit?s=1.5", "dying-started");
+    let mut slow = send_get_inside(&fx, "/stuck?s=2", "slow-started");
     let mut waiting: Vec<Http> = (0..4).map(|_| send_get(&fx, "/pid")).collect();
     for (i, c) in waiting.iter_mut().enumerate() {
         let r = c.read_response(false).expect("response");

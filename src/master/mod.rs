@@ -522,11 +522,7 @@ impl Master {
                         pid = w.info.pid(),
                         "the application failed to load; stopping\n{traceback}"
                     );
-                    if !matches!(self.cfg.log.error, config::LogTarget::Stderr) {
-                        eprintln!("gte-supervisor: the application failed to load:\n{traceback}");
-                    }
-                    self.exit_code = exit::APP_LOAD;
-                    self.begin_stop(false);
+                    self.fail_boot(&traceback);
                 } else {
                     if self.crash_streak <= 1 {
                         tracing::error!(worker = id, pid = w.info.pid(), reason = "crash", "a new worker failed to load the application (the running workers keep serving)\n{traceback}");
@@ -593,17 +589,10 @@ impl Master {
                         pid,
                         "the application failed to load (preload); stopping\n{traceback}"
                     );
-                    if !matches!(self.cfg.log.error, config::LogTarget::Stderr) {
-                        eprintln!("gte-supervisor: the application failed to load:\n{traceback}");
-                    }
-                    self.exit_code = exit::APP_LOAD;
-                    self.begin_stop(false);
+                    self.fail_boot(&traceback);
                     return;
                 }
-                self.crash_streak += 1;
-                let delay = Duration::from_millis(500u64 << self.crash_streak.min(6))
-                    .min(Duration::from_secs(30));
-                self.spawn_not_before = Some(Instant::now() + delay);
+                let delay = self.back_off_spawns();
                 tracing::error!(pid, reason = "crash", backoff_ms = delay.as_millis() as u64, "the warm process failed to import the application (the running workers keep serving)\n{traceback}");
             }
         }
@@ -1400,11 +1389,27 @@ impl Master {
             self.exit_code = exit::APP_LOAD;
             self.begin_stop(false);
         } else {
-            self.crash_streak += 1;
-            let delay = Duration::from_millis(500u64 << self.crash_streak.min(6))
-                .min(Duration::from_secs(30));
-            self.spawn_not_before = Some(Instant::now() + delay);
+            self.back_off_spawns();
         }
+    }
+
+    /// The app cannot load before the service ever served: say so on stderr too (when the error
+    /// log is a file) and stop with exit code 3 instead of respawning forever.
+    fn fail_boot(&mut self, traceback: &str) {
+        if !matches!(self.cfg.log.error, config::LogTarget::Stderr) {
+            eprintln!("gte-supervisor: the application failed to load:\n{traceback}");
+        }
+        self.exit_code = exit::APP_LOAD;
+        self.begin_stop(false);
+    }
+
+    /// One more start failure: the next spawn waits 1 s, 2 s, 4 s … (at most 30 s).
+    fn back_off_spawns(&mut self) -> Duration {
+        self.crash_streak += 1;
+        let delay =
+            Duration::from_millis(500u64 << self.crash_streak.min(6)).min(Duration::from_secs(30));
+        self.spawn_not_before = Some(Instant::now() + delay);
+        delay
     }
 
     /// Closes the gap between the workers wanted and the workers there are.

@@ -7,7 +7,10 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use super::http::HttpBody;
+use hyper::body::Incoming;
+
+use super::http::SlotEnd;
+use super::route::RouteEnd;
 use super::wire::WireBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -16,9 +19,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ProxyBody {
     Full(Option<Bytes>),
     Wire(Box<WireBody>),
-    Http(Box<HttpBody>),
+    Http(Box<Upstream<SlotEnd>>),
     /// Streamed from a routed `[[process]]`.
-    Routed(Box<super::route::RoutedBody>),
+    Routed(Box<Upstream<RouteEnd>>),
 }
 
 impl ProxyBody {
@@ -67,5 +70,78 @@ impl Body for ProxyBody {
             ProxyBody::Http(h) => h.size_hint(),
             ProxyBody::Routed(r) => r.size_hint(),
         }
+    }
+}
+
+/// What to do once when an upstream body is over: `sent` bytes went to the client; `clean` is
+/// true when the body reached its end (false: an error, or dropped before the end).
+pub trait BodyEnd {
+    fn end(self, sent: u64, clean: bool);
+}
+
+/// A response body streamed from an HTTP upstream (a `command` worker or a routed process),
+/// counted, with its end handled exactly once (also when dropped early).
+pub struct Upstream<E: BodyEnd> {
+    inner: Incoming,
+    sent: u64,
+    on_end: Option<E>,
+}
+
+impl<E: BodyEnd> Upstream<E> {
+    pub fn new(inner: Incoming, on_end: E) -> Self {
+        Upstream {
+            inner,
+            sent: 0,
+            on_end: Some(on_end),
+        }
+    }
+
+    fn end(&mut self, clean: bool) {
+        if let Some(e) = self.on_end.take() {
+            e.end(self.sent, clean);
+        }
+    }
+}
+
+impl<E: BodyEnd + Unpin> Body for Upstream<E> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.sent += d.len() as u64;
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.end(false);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.end(true);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<E: BodyEnd> Drop for Upstream<E> {
+    fn drop(&mut self) {
+        self.end(false);
     }
 }

@@ -2,20 +2,16 @@
 //! (one per slot). Bodies stream both ways; WebSocket (and any other) upgrades are joined end to
 //! end once the worker answers 101.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::body::{BoxError, ProxyBody};
+use super::body::{BodyEnd, BoxError, ProxyBody, Upstream};
 use super::pool::SlotHold;
 use super::{error_response, Shared};
 use crate::event::Event;
@@ -167,14 +163,15 @@ pub async fn forward(
     let (parts, body) = resp.into_parts();
     Response::from_parts(
         parts,
-        ProxyBody::Http(Box::new(HttpBody {
-            inner: body,
-            slot: Some(slot),
-            shared: shared.clone(),
-            record,
-            status: status.as_u16(),
-            sent: 0,
-        })),
+        ProxyBody::Http(Box::new(Upstream::new(
+            body,
+            SlotEnd {
+                slot,
+                shared: shared.clone(),
+                record,
+                status: status.as_u16(),
+            },
+        ))),
     )
 }
 
@@ -203,76 +200,30 @@ fn fail(
     error_response(StatusCode::BAD_GATEWAY)
 }
 
-/// A response body streaming from a command worker; the slot returns when it ends.
-pub struct HttpBody {
-    inner: Incoming,
-    slot: Option<Slot>,
+/// The end of a command worker's streamed response: log it and return the slot (keeping the
+/// connection only after a clean end: otherwise it holds an unfinished response).
+pub struct SlotEnd {
+    slot: Slot,
     shared: Arc<Shared>,
     record: Option<AccessRecord>,
     status: u16,
-    sent: u64,
 }
 
-impl HttpBody {
-    fn end(&mut self, keep_conn: bool) {
-        if let Some(mut slot) = self.slot.take() {
-            if let Some(r) = self.record.take() {
-                self.shared
-                    .access
-                    .log(&r, self.status, self.sent, Some(slot.worker.pid()));
-            }
-            if !keep_conn {
-                slot.conn = None;
-            }
-            if slot.worker.count_request() {
-                slot.worker
-                    .report(Event::BudgetSpent { id: slot.worker.id });
-            }
-            self.shared.pool.release(slot);
+impl BodyEnd for SlotEnd {
+    fn end(self, sent: u64, clean: bool) {
+        let mut slot = self.slot;
+        if let Some(r) = &self.record {
+            self.shared
+                .access
+                .log(r, self.status, sent, Some(slot.worker.pid()));
         }
-    }
-}
-
-impl Body for HttpBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    this.sent += d.len() as u64;
-                }
-                Poll::Ready(Some(Ok(f)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.end(false);
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Ready(None) => {
-                this.end(true);
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
+        if !clean {
+            slot.conn = None;
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for HttpBody {
-    fn drop(&mut self) {
-        // Dropped before its end: the connection holds an unfinished response; don't reuse it.
-        self.end(false);
+        if slot.worker.count_request() {
+            slot.worker
+                .report(Event::BudgetSpent { id: slot.worker.id });
+        }
+        self.shared.pool.release(slot);
     }
 }

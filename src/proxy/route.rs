@@ -6,19 +6,15 @@
 //! no request timeout: a process serves as many requests at once as it wants to.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::body::{BoxError, ProxyBody};
+use super::body::{BodyEnd, ProxyBody, Upstream};
 use super::Shared;
 use crate::logging::AccessRecord;
 
@@ -102,75 +98,31 @@ pub async fn forward(
     let (parts, body) = resp.into_parts();
     Response::from_parts(
         parts,
-        ProxyBody::Routed(Box::new(RoutedBody {
-            inner: body,
-            shared: shared.clone(),
-            record,
-            status: status.as_u16(),
-            sent: 0,
-            _sender: sender,
-        })),
+        ProxyBody::Routed(Box::new(Upstream::new(
+            body,
+            RouteEnd {
+                shared: shared.clone(),
+                record,
+                status: status.as_u16(),
+                _sender: sender,
+            },
+        ))),
     )
 }
 
-/// A response body streaming from a routed process; logged when it ends.
-pub struct RoutedBody {
-    inner: Incoming,
+/// The end of a routed process's streamed response: log it. Holds the upstream connection's
+/// sender, which keeps the connection open until the body is done.
+pub struct RouteEnd {
     shared: Arc<Shared>,
     record: Option<AccessRecord>,
     status: u16,
-    sent: u64,
-    /// Keeps the connection open until the body is done.
     _sender: hyper::client::conn::http1::SendRequest<Incoming>,
 }
 
-impl RoutedBody {
-    fn end(&mut self) {
-        if let Some(r) = self.record.take() {
-            self.shared.access.log(&r, self.status, self.sent, None);
+impl BodyEnd for RouteEnd {
+    fn end(self, sent: u64, _clean: bool) {
+        if let Some(r) = &self.record {
+            self.shared.access.log(r, self.status, sent, None);
         }
-    }
-}
-
-impl Body for RoutedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    this.sent += d.len() as u64;
-                }
-                Poll::Ready(Some(Ok(f)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.end();
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Ready(None) => {
-                this.end();
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for RoutedBody {
-    fn drop(&mut self) {
-        self.end();
     }
 }

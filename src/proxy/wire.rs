@@ -169,17 +169,27 @@ pub async fn forward(
     idempotent: bool,
 ) -> Response<ProxyBody> {
     let mut resent = false;
+    let mut message = Some((request, body));
     loop {
         let (mut slot, mut conn) = match take_connected(shared, &mut record).await {
             Ok(x) => x,
             Err(status) => return shared.reject(status, record),
         };
+        let (request, body) = message
+            .take()
+            .expect("kept for every attempt that may follow");
         // Sent ahead to a busy worker: it waits in the worker's socket behind another request.
         let queued_behind = slot.worker.busy() > 1;
         let may_resend = queued_behind && idempotent && !resent;
-        conn.out.push_back(request.clone());
-        conn.out.extend(body.iter().cloned());
-        slot.sent_at = Some(std::time::Instant::now());
+        if may_resend {
+            message = Some((request.clone(), body.clone()));
+        }
+        conn.out.push_back(request);
+        conn.out.extend(body);
+        if slot.worker.is_pipelined() {
+            // Its service time decides whether it may be sent requests ahead.
+            slot.sent_at = Some(std::time::Instant::now());
+        }
         match exchange(shared, slot, conn, record, timeout, may_resend).await {
             Exchange::Done(resp) => return resp,
             Exchange::Resend(r) => {

@@ -93,24 +93,13 @@ fn free_loopback_port() -> io::Result<u16> {
 
 /// Starts worker `id` and the tasks that watch it.
 pub fn spawn_worker(cfg: &Config, id: WorkerId, ctx: &SpawnContext<'_>) -> io::Result<Spawned> {
-    let python = cfg.python_path();
     let (mut cmd, addr, status_child) = match &cfg.app.kind {
         AppKind::Wsgi { module, callable } => {
             let sock = ctx.runtime_dir.join(format!("w{id}.sock"));
             let _ = std::fs::remove_file(&sock);
-            let script = ctx.runtime_dir.join("gte_worker.py");
-            let mut c = Command::new(&python);
-            c.arg(&script);
+            let mut c = bundled_worker_command(cfg, ctx.runtime_dir, module, callable);
             let (parent_end, child_end) = std::os::unix::net::UnixStream::pair()?;
-            c.env("GTE_APP", format!("{module}:{callable}"))
-                .env("GTE_SOCKET", &sock)
-                .env("GTE_STATUS_FD", "3")
-                .env("GTE_THREADS", cfg.workers.threads.to_string())
-                .env(
-                    "GTE_CONNECTIONS",
-                    cfg.workers.slots_per_worker(&cfg.app.kind).to_string(),
-                )
-                .env("GTE_CHDIR", &cfg.app.chdir)
+            c.env("GTE_SOCKET", &sock)
                 .env("GTE_WORKER_ID", id.to_string());
             (
                 c,
@@ -169,6 +158,27 @@ pub fn spawn_worker(cfg: &Config, id: WorkerId, ctx: &SpawnContext<'_>) -> io::R
         }
     }
     Ok(Spawned { pid, addr })
+}
+
+/// The bundled worker script with the start-up contract every bundled process shares (PROTOCOL.md):
+/// the app, the status channel on fd 3, threads, connections, the app directory.
+pub(crate) fn bundled_worker_command(
+    cfg: &Config,
+    runtime_dir: &Path,
+    module: &str,
+    callable: &str,
+) -> Command {
+    let mut c = Command::new(cfg.python_path());
+    c.arg(runtime_dir.join("gte_worker.py"))
+        .env("GTE_APP", format!("{module}:{callable}"))
+        .env("GTE_STATUS_FD", "3")
+        .env("GTE_THREADS", cfg.workers.threads.to_string())
+        .env(
+            "GTE_CONNECTIONS",
+            cfg.workers.slots_per_worker(&cfg.app.kind).to_string(),
+        )
+        .env("GTE_CHDIR", &cfg.app.chdir);
+    c
 }
 
 /// What every Python or command process the master starts gets: the app directory, the app's

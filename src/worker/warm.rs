@@ -23,7 +23,7 @@ use nix::sys::socket::{
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::BufReader;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::{AppKind, Config};
@@ -56,18 +56,9 @@ pub fn spawn_warm(cfg: &Config, ctx: &SpawnContext<'_>) -> io::Result<Warm> {
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(io::Error::from)?;
-    let mut cmd = Command::new(cfg.python_path());
-    cmd.arg(ctx.runtime_dir.join("gte_worker.py"))
-        .env("GTE_MODE", "warm")
-        .env("GTE_APP", format!("{module}:{callable}"))
-        .env("GTE_STATUS_FD", "3")
+    let mut cmd = spawn::bundled_worker_command(cfg, ctx.runtime_dir, module, callable);
+    cmd.env("GTE_MODE", "warm")
         .env("GTE_CONTROL_FD", "4")
-        .env("GTE_THREADS", cfg.workers.threads.to_string())
-        .env(
-            "GTE_CONNECTIONS",
-            cfg.workers.slots_per_worker(&cfg.app.kind).to_string(),
-        )
-        .env("GTE_CHDIR", &cfg.app.chdir)
         .env("GTE_WORKER_ID", "warm");
     let status_fd = OwnedFd::from(status_child);
     spawn::prepare_command(

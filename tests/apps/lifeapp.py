@@ -2,7 +2,8 @@
 
 Routes: /pid, /stuck?s=N (sleeps inside stuck_in_model_call, so the timeout traceback names it),
 /health (200, or 500 once /sicken was called in this process), /sicken, /alloc?mb=N (holds N MiB),
-/exit?s=N (sleeps N seconds, default 0, then os._exit mid-request). If the file named by $LIFEAPP_FAIL_IMPORT exists, import fails.
+/exit?s=N (sleeps N seconds, default 0, then os._exit mid-request); any route with mark=PATH
+first writes its pid to PATH. If the file named by $LIFEAPP_FAIL_IMPORT exists, import fails.
 """
 import os
 import time
@@ -29,6 +30,10 @@ def app(environ, start_response):
     path = environ["PATH_INFO"]
     q = dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
     pid = str(os.getpid())
+    if "mark" in q:  # tell the test the request is inside the app (a path, percent-decoded)
+        from urllib.parse import unquote
+        with open(unquote(q["mark"]), "w") as f:
+            f.write(pid)
     if path == "/pid":
         return respond(start_response, pid)
     if path == "/stuck":
