@@ -232,6 +232,7 @@ pub struct RawWorkers {
     pub threads: Option<i64>,
     pub connections: Option<i64>,
     pub pipeline: Option<i64>,
+    pub sched_batch: Option<bool>,
     pub queue: Option<i64>,
     pub timeout: Option<Dur>,
     pub graceful_timeout: Option<Dur>,
@@ -378,6 +379,9 @@ pub struct WorkersConfig {
     /// Requests a single-threaded bundled worker may hold at once (1 = strictly one): the
     /// extra ones wait in its socket, sent only when no worker is idle and this one is fast.
     pub pipeline: usize,
+    /// Run workers under the kernel's SCHED_BATCH policy: a worker woken by the master does
+    /// not preempt it, so the master finishes its batch of events first (fewer context switches).
+    pub sched_batch: bool,
     pub queue: usize,
     pub timeout: Duration,
     pub graceful_timeout: Duration,
@@ -938,6 +942,7 @@ impl RawConfig {
                 threads,
                 connections,
                 pipeline,
+                sched_batch: w.sched_batch.unwrap_or(true),
                 queue,
                 timeout,
                 graceful_timeout,
@@ -1102,6 +1107,7 @@ impl Config {
         line("workers.threads", w.threads.to_string());
         line("workers.connections", w.connections.to_string());
         line("workers.pipeline", w.pipeline.to_string());
+        line("workers.sched_batch", w.sched_batch.to_string());
         line("workers.queue", w.queue.to_string());
         line("workers.timeout", format!("{}s", w.timeout.as_secs_f64()));
         line(

@@ -76,3 +76,47 @@ fn thread_pool_variables_are_set_per_worker_unless_the_operator_set_them() {
     }
     assert_eq!(fx.srv.get("/envvar?name=MKL_NUM_THREADS").text(), "7");
 }
+
+/// The scheduling policy of a live process, from /proc/PID/sched (0 = SCHED_OTHER, 3 = SCHED_BATCH).
+fn sched_policy(pid: u32) -> u32 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/sched")).expect("read /proc/PID/sched");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("policy"))
+        .expect("a policy line");
+    line.rsplit(':').next().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn workers_run_under_sched_batch_by_default_and_forked_ones_too() {
+    for preload in ["false", "true"] {
+        let mut fx = start_standard(&format!("sched_batch_{preload}"), |c| {
+            c.set("workers", "count", "2")
+                .set("app", "preload", preload)
+        });
+        assert_eq!(sched_policy(fx.srv.pid), 0, "the master keeps SCHED_OTHER");
+        // The workers (and with preload the warm process they are forked from).
+        let children = fx.srv.live_children();
+        assert!(children.len() >= 2, "{children:?}");
+        for pid in children {
+            assert_eq!(
+                sched_policy(pid),
+                3,
+                "child {pid} (preload = {preload}) is not SCHED_BATCH"
+            );
+        }
+    }
+}
+
+#[test]
+fn sched_batch_false_leaves_workers_on_the_default_policy() {
+    let mut fx = start_standard("sched_batch_off", |c| {
+        c.set("workers", "count", "2")
+            .set("workers", "sched_batch", "false")
+    });
+    let children = fx.srv.live_children();
+    assert_eq!(children.len(), 2, "{children:?}");
+    for pid in children {
+        assert_eq!(sched_policy(pid), 0, "worker {pid}");
+    }
+}
