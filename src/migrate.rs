@@ -399,7 +399,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "header_map",
         "the HTTP parser is strict and not configurable",
     ),
-    ("access_log_format", "the access log format is fixed"),
     (
         "logger_class",
         "logging is done by the master, not by a Python logger class",
@@ -1501,6 +1500,22 @@ fn log(s: &mut Settings, out: &mut Out, chdir: &Chdir) {
         },
     }
 
+    // The same tokens as gunicorn: carried over as it is, unless it uses one we cannot render.
+    if let Some(v) = s.take("access_log_format") {
+        match as_opt_str(v) {
+            Ok(Some(f)) => match crate::logging::format::AccessFormat::parse(&f) {
+                Ok(_) => out.kv("access_format", &toml_str(&f)),
+                Err(why) => out.comment(&format!(
+                    "CHECK: access_log_format = {}: not carried over ({why}); the default \
+                     (Apache combined + %(D)s %(P)s) is used",
+                    py_repr(v)
+                )),
+            },
+            Ok(None) => {}
+            Err(why) => out.invalid("access_log_format", v, &why),
+        }
+    }
+
     match s.take("errorlog") {
         None => out.kv_note("error", &toml_str("-"), "gunicorn default: stderr"),
         Some(v) => match as_opt_str(v) {
@@ -1678,6 +1693,38 @@ mod tests {
                 "unexpected top-level key {key}"
             );
         }
+    }
+
+    #[test]
+    fn access_log_format_carries_over_or_is_flagged() {
+        let fmt = r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(D)s %({x-request-id}i)s"#;
+        let mut settings = map(r#"{"bind": "127.0.0.1:8000", "__hooks__": []}"#);
+        settings.insert("access_log_format".into(), Value::String(fmt.into()));
+        let text = render(&settings, Path::new("/srv/gunicorn.conf.py"), Some(2));
+        let doc = parse(&text);
+        assert_eq!(
+            get(&doc, "log.access_format").and_then(|v| v.as_str()),
+            Some(fmt),
+            "{text}"
+        );
+        // The rendered value is accepted by the real config loader's parser.
+        assert!(crate::logging::format::AccessFormat::parse(fmt).is_ok());
+
+        // %({var}e)s needs the environ, which lives in the worker: a CHECK comment, no key.
+        let mut settings = map(r#"{"__hooks__": []}"#);
+        settings.insert(
+            "access_log_format".into(),
+            Value::String("%(h)s %({REMOTE_USER}e)s".into()),
+        );
+        let text = render(&settings, Path::new("/srv/gunicorn.conf.py"), Some(2));
+        let doc = parse(&text);
+        assert!(get(&doc, "log.access_format").is_none(), "{text}");
+        assert!(
+            text.contains(
+                "# CHECK: access_log_format = \"%(h)s %({REMOTE_USER}e)s\": not carried over"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
