@@ -200,6 +200,37 @@ fn one_mib_response_with_content_length_is_intact() {
     );
 }
 
+/// A generator body with a Content-Length (how Flask answers): the chunk that completes the
+/// length goes out together with the end of the response; bodies stay intact and the connection
+/// stays usable, also when the app yields more than it declared.
+#[test]
+fn generator_body_with_content_length_is_intact() {
+    let fx = start_standard("gen_cl", |c| c);
+    let mut c = fx.srv.connect();
+    for (parts, size) in [(1, 10), (3, 1000), (2, 70_000), (5, 1)] {
+        let r = c.request("GET", &format!("/gen?parts={parts}&size={size}"), &[], b"");
+        assert_eq!(r.status, 200);
+        let want: Vec<u8> = (0..parts)
+            .flat_map(|i| std::iter::repeat_n(b'a' + i as u8, size))
+            .collect();
+        assert_eq!(
+            r.header("content-length"),
+            Some(&*(parts * size).to_string())
+        );
+        assert!(r.body == want, "{parts} x {size}: body differs");
+    }
+    // HEAD: headers only.
+    let r = c.request("HEAD", "/gen?parts=2&size=5", &[], b"");
+    assert_eq!((r.status, r.body.len()), (200, 0));
+    // Declared 20 bytes, yields 23: the client gets exactly the declared 20 (the framing toward
+    // the client cannot carry more), and a new connection still works.
+    let mut c2 = fx.srv.connect();
+    let r = c2.request("GET", "/gen?parts=2&size=10&extra=3", &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"aaaaaaaaaabbbbbbbbbb");
+    assert_eq!(fx.srv.get("/").status, 200);
+}
+
 #[test]
 fn one_mib_streamed_response_without_length_is_intact() {
     let fx = start_standard("big_stream", |c| c);

@@ -267,7 +267,7 @@ class _Handler:
     so that start_response/write are bound methods created once, not closures per request."""
 
     __slots__ = ('app', 'base_environ', 'busy', 'sock', 'sendall', 'dead', 'sframe', 'sent',
-                 'start_response', 'write')
+                 'clen', 'start_response', 'write')
 
     def __init__(self, app, base_environ):
         self.app = app
@@ -278,6 +278,7 @@ class _Handler:
         self.dead = False      # the connection broke while sending: drop it after this request
         self.sframe = None
         self.sent = False
+        self.clen = -1
         self.start_response = self._start_response
         self.write = self._write
 
@@ -416,6 +417,7 @@ class _Handler:
         env['wsgi.input'] = inp = Input(rfile, body_len) if body_len else _EMPTY_INPUT
         self.sframe = None
         self.sent = False
+        self.clen = -1
         if not self.respond(env):
             return False
         if inp.remaining:
@@ -437,6 +439,7 @@ class _Handler:
         see clean-up code (close() often runs a framework's teardown) as part of the request."""
         result = None
         tail = None  # the last frame(s), when not the normal end of response
+        held = None  # the last body chunk, sent together with E
         try:
             result = self.app(env, self.start_response)
             rtype = type(result)
@@ -463,13 +466,25 @@ class _Handler:
                     return True
             if not (rtype is FileWrapper and self._send_file(result)):
                 # General case: stream the iterable chunk by chunk, as it yields.
+                # The chunk that completes the declared Content-Length is the last one (more
+                # would break the framing): it is held and goes out with the E frame in one
+                # send (Flask/werkzeug return a generator, so this is their common case).
                 send_chunk = self._send_chunk
+                left = self.clen
                 for chunk in result:
                     if type(chunk) is not bytes and not isinstance(chunk, bytes):
                         raise TypeError('the application yielded %s, but WSGI body chunks must '
                                         'be bytes' % type(chunk).__name__)
                     if chunk:
-                        send_chunk(chunk)
+                        if held is not None:
+                            send_chunk(held)  # more than Content-Length: the master trims it
+                            held = None
+                        n = len(chunk)
+                        if n == left and n <= _COALESCE_MAX:
+                            held = chunk
+                        else:
+                            send_chunk(chunk)
+                        left -= n
             if self.sframe is None:
                 raise AssertionError(_NO_START_RESPONSE)
         except Exception as exc:
@@ -495,7 +510,13 @@ class _Handler:
         if self.dead:
             return False
         if tail is None:
-            if self.sent:
+            if held is not None:
+                if self.sent:
+                    tail = b''.join((_pack(_B, len(held)), held, _E_FRAME))
+                else:
+                    s = self.sframe
+                    tail = b''.join((_pack(_S, len(s)), s, _pack(_B, len(held)), held, _E_FRAME))
+            elif self.sent:
                 tail = _E_FRAME
             else:
                 s = self.sframe
@@ -523,9 +544,16 @@ class _Handler:
             if type(headers) is not list:
                 raise TypeError
             fields = [status]
+            clen = -1
             for h in headers:
-                if type(h) is not tuple or len(h) != 2 or h[0].lower() in _HOP_BY_HOP:
+                if type(h) is not tuple or len(h) != 2:
                     raise TypeError
+                name = h[0].lower()
+                if name in _HOP_BY_HOP:
+                    raise TypeError
+                if name == 'content-length':
+                    value = h[1]
+                    clen = int(value) if type(value) is str and value.isascii() and value.isdigit() else -2
                 fields += h
             head = '\0'.join(fields)
             if _head_match(head) is None or head.count('\0') != 2 * len(headers):
@@ -537,6 +565,7 @@ class _Handler:
                                 % type(headers).__name__) from None
             raise _bad_head_error(status, headers) from None
         self.sframe = sframe
+        self.clen = clen
         return self.write
 
     def _write(self, data):

@@ -6,6 +6,8 @@ Routes (anything else is 404):
   /env, /env/...     JSON of selected environ keys (PEP 3333 checks)
   /big               1 MiB deterministic bytes ((i*31+7) % 251) with Content-Length;
                      ?stream=1 yields it in 64 KiB pieces without Content-Length
+  /gen?parts=N&size=S&extra=E  a generator of N parts of S bytes with Content-Length = N*S
+                     (Flask's shape), then E more bytes beyond it (a broken app)
   /stream?dir=D      yields "first-chunk\n", waits (bounded) for the file D/release, then yields
                      "released\n" (or "timed-out\n")
   /block?dir=D       writes D/started (its pid), waits (bounded) for D/release, answers
@@ -118,6 +120,19 @@ def app(environ, start_response):
             start_response("200 OK", [("Content-Type", "application/octet-stream")])
             return big_stream()
         return respond(start_response, big(), ctype="application/octet-stream")
+
+    if path == "/gen":
+        parts, size = int(q.get("parts", "1")), int(q.get("size", "10"))
+        extra = int(q.get("extra", "0"))
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(parts * size))])
+
+        def gen():
+            for i in range(parts):
+                yield bytes([97 + i % 26]) * size
+            if extra:
+                yield b"!" * extra
+        return gen()
 
     if path == "/stream":
         start_response("200 OK", [("Content-Type", "text/plain")])
