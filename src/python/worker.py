@@ -553,7 +553,8 @@ class _Handler:
                     raise TypeError
                 if name == 'content-length':
                     value = h[1]
-                    clen = int(value) if type(value) is str and value.isascii() and value.isdigit() else -2
+                    ok = type(value) is str and value.isascii() and value.isdigit()
+                    clen = int(value) if ok else -2
                 fields += h
             head = '\0'.join(fields)
             if _head_match(head) is None or head.count('\0') != 2 * len(headers):
