@@ -510,17 +510,16 @@ class _Handler:
         if self.dead:
             return False
         if tail is None:
-            if held is not None:
-                if self.sent:
-                    tail = b''.join((_pack(_B, len(held)), held, _E_FRAME))
-                else:
-                    s = self.sframe
-                    tail = b''.join((_pack(_S, len(s)), s, _pack(_B, len(held)), held, _E_FRAME))
-            elif self.sent:
-                tail = _E_FRAME
+            # [S if not sent yet] + [the held last chunk] + E, in one send.
+            if self.sent:
+                parts = []
             else:
                 s = self.sframe
-                tail = b''.join((_pack(_S, len(s)), s, _E_FRAME))
+                parts = [_pack(_S, len(s)), s]
+            if held is not None:
+                parts += (_pack(_B, len(held)), held)
+            parts.append(_E_FRAME)
+            tail = b''.join(parts)
         self.sent = True
         try:
             self.sendall(tail)
