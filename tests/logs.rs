@@ -597,7 +597,8 @@ fn size_rotation_makes_dated_files_and_keeps_only_keep() {
             "dated name: {n}"
         );
         let text = dir.read(n);
-        assert!(text.len() <= 4096, "{n} is {} bytes", text.len());
+        // Rotated once past 4 KiB, between writes of at most 256 bytes (limit / 16).
+        assert!(text.len() <= 4096 + 256, "{n} is {} bytes", text.len());
         assert!(text.ends_with('\n'), "{n} ends mid-line");
         for l in text.lines() {
             assert!(
@@ -636,6 +637,66 @@ fn size_rotation_makes_dated_files_and_keeps_only_keep() {
         ns.windows(2).all(|w| w[1] == w[0] + 1),
         "consecutive requests across the kept files: {ns:?}"
     );
+    m.remember_children();
+}
+
+/// The local date (`2026-11-22`) of a time in seconds since the epoch.
+fn local_date(secs: i64) -> String {
+    let t: libc::time_t = secs as libc::time_t;
+    // SAFETY: localtime_r writes only into `tm`, which we own.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    assert!(!unsafe { libc::localtime_r(&t, &mut tm) }.is_null());
+    format!(
+        "{:04}-{:02}-{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday
+    )
+}
+
+#[test]
+fn daily_rotation_dates_yesterdays_file_and_deletes_beyond_keep() {
+    let dir = Dir::new("daily");
+    // A live file last written two days ago (a restart after a quiet weekend), and four older
+    // archives of which keep = 2 leaves the newest one beside the new archive.
+    fs::write(dir.join("access.log"), "from two days ago\n").unwrap();
+    let written = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
+    fs::File::options()
+        .write(true)
+        .open(dir.join("access.log"))
+        .unwrap()
+        .set_modified(written)
+        .unwrap();
+    let written = written
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for d in 1..=4 {
+        fs::write(dir.join(&format!("access.log.2020-01-0{d}")), "old\n").unwrap();
+    }
+    let port = free_port();
+    let conf = Conf::new(&dir, port)
+        .set("log", "rotate", &q("daily"))
+        .set("log", "keep", "2");
+    let mut m = Master::start(&dir, &conf, port);
+    assert_eq!(m.get("/hello?today", &[]).status, 200);
+    wait_line(&dir.join("access.log"), "for today's request", |l| {
+        l.contains("?today")
+    });
+    let archive = format!("access.log.{}", local_date(written));
+    assert_eq!(dir.read(&archive), "from two days ago\n", "{archive}");
+    assert!(
+        !dir.read("access.log").contains("two days ago"),
+        "the live file starts fresh"
+    );
+    let mut names: Vec<String> = fs::read_dir(&dir.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("access.log."))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["access.log.2020-01-04".to_string(), archive]);
     m.remember_children();
 }
 

@@ -1,10 +1,10 @@
 //! A log file that appends, reopens its path when asked (SIGUSR1, for logrotate users) and can
 //! rotate itself by time (`daily`, `hourly`, local time) or by size, keeping `keep` old files.
 //!
-//! It runs on the log writer thread of `tracing_appender::non_blocking`, never on the request
-//! path. It never fails its caller and never panics: an error (full disk, unwritable directory,
-//! file removed) is reported on stderr once per streak and the lines are dropped until writing
-//! works again. A failed rotation keeps writing to the current file and is retried a minute later.
+//! Rotation is the `file-rotate` crate's: it decides when a file is due (the local day or hour
+//! of its last write has passed, or it has grown past the size), renames it, opens a fresh one
+//! and deletes the oldest beyond `keep`. What is ours is the naming ([`DatedSuffix`], a
+//! `file_rotate` suffix scheme) and the guard around it.
 //!
 //! Layout, like logrotate's `dateext`: the live file is always the configured path
 //! (`access.log`), so `tail -F` and log shippers keep working; rotated files get a suffix that
@@ -13,20 +13,34 @@
 //! rotation), plus `.1`, `.2`, … if that name is taken. Only names of exactly that shape (also
 //! with `.gz` added by an outside compressor) are counted and deleted beyond `keep`.
 //!
-//! Why not a crate: tracing-appender's rolling appender names the *live* file by date (no file
-//! at the configured path; its pruning matches any file with the same prefix and suffix, and its
-//! "latest" symlink replaces whatever regular file is at that path) and has no size trigger;
-//! file-rotate asserts and `expect`s on file-system state inside `write` (with `panic = "abort"`
-//! a removed log file would abort the master); logroller brings regex, chrono, flate2 and its
-//! own thread, and numbers size-rotated files. The logic here is small and unit-tested with an
-//! injected clock.
+//! It runs on a log writer thread, never on the request path. It never fails its caller and
+//! never panics: an error (full disk, unwritable directory, file removed) is reported on stderr
+//! once per streak and the lines are dropped until writing works again. `file-rotate` asserts
+//! and `expect`s on file-system state (a missing directory or live file), and with
+//! `panic = "abort"` that would take the master down, so the guard makes those states
+//! unreachable: the file is opened by us first (our error, reported), the directory is read
+//! before the crate scans it, a live file that vanished is recreated before the crate may rotate
+//! it, and a rotated name already on disk is never handed to the crate.
+//!
+//! Crates weighed (2026-12): tracing-appender's rolling appender names the *live* file by date
+//! (no file at the configured path), rotates at UTC midnight and has no size trigger;
+//! rolling-file numbers files and unwraps a chrono result that fails at DST changes; logroller
+//! fixes the UTC offset at start (wrong after a DST change) and brings regex; file-rotate does
+//! what we need and is extensible where its defaults do not fit (its timestamp scheme panics
+//! when the clock steps back onto a kept name — ours cannot).
 
+use std::cmp::Ordering as CmpOrdering;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use file_rotate::compression::Compression;
+use file_rotate::suffix::{Representation, SuffixScheme};
+use file_rotate::{ContentLimit, FileRotate, TimeFrequency};
 
 use super::format::local_civil;
 
@@ -35,75 +49,48 @@ use super::format::local_civil;
 pub enum Rotate {
     /// Never by itself (logrotate + SIGUSR1, or nothing).
     Never,
-    /// At local midnight.
+    /// At local midnight (at the first write after it).
     Daily,
-    /// At the start of every local hour.
+    /// At the start of every local hour (at the first write after it).
     Hourly,
-    /// Before a write would make the file larger than this many bytes.
+    /// Once the file has grown past this many bytes (at most one piece of a write past it:
+    /// see [`piece_len`]; lines are never cut).
     Size(u64),
 }
 
-/// Seconds since the epoch; replaced in tests.
-pub type Clock = Box<dyn Fn() -> i64 + Send>;
-
-fn system_clock() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// Bytes buffered between flushes (the writer thread flushes after every batch of lines).
+/// Bytes buffered between writes (the writer thread flushes after every batch of lines).
 const BUFFER: usize = 64 * 1024;
-/// After a failed rotation, wait this long before trying again (keep writing meanwhile).
-const RETRY_SECS: i64 = 60;
+
+enum Sink {
+    Plain(File),
+    Rotating(Box<FileRotate<DatedSuffix>>),
+}
 
 /// One log file; see the module docs.
 pub struct LogFile {
     path: PathBuf,
-    file: Option<File>,
+    sink: Option<Sink>,
     buf: Vec<u8>,
-    /// Bytes in the current file, buffered ones included.
-    size: u64,
-    /// Start of the time period the current file's lines belong to (any second inside it).
-    period_start: i64,
-    /// First second of the next period: time-based rotation is due from then on.
-    period_end: i64,
     rotate: Rotate,
     keep: usize,
     reopen: Arc<AtomicBool>,
     failing: bool,
-    retry_rotation_at: i64,
-    clock: Clock,
 }
 
 impl LogFile {
     /// A log file at `path`. It is opened at the first write; `check_writable` tells early
     /// whether that will work.
     pub fn new(path: PathBuf, rotate: Rotate, keep: usize, reopen: Arc<AtomicBool>) -> Self {
-        Self::with_clock(path, rotate, keep, reopen, Box::new(system_clock))
-    }
-
-    pub fn with_clock(
-        path: PathBuf,
-        rotate: Rotate,
-        keep: usize,
-        reopen: Arc<AtomicBool>,
-        clock: Clock,
-    ) -> Self {
+        // file-rotate needs a parent directory to scan: make a relative path absolute.
+        let path = std::path::absolute(&path).unwrap_or(path);
         LogFile {
             path,
-            file: None,
+            sink: None,
             buf: Vec::new(),
-            size: 0,
-            period_start: 0,
-            period_end: i64::MAX,
             rotate,
             keep,
             reopen,
             failing: false,
-            retry_rotation_at: i64::MIN,
-            clock,
         }
     }
 
@@ -127,136 +114,114 @@ impl LogFile {
         }
     }
 
-    /// Opens the path for appending and learns its size and period.
-    fn open(&mut self, now: i64) -> bool {
-        match open_append(&self.path) {
-            Ok(f) => {
-                let meta = f.metadata().ok();
-                self.size = meta.as_ref().map_or(0, |m| m.len());
-                // The lines already in the file belong to the period of its last write.
-                let written_at = meta
-                    .filter(|m| m.len() > 0)
-                    .and_then(|m| m.modified().ok())
-                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(now);
-                self.set_period(written_at.min(now));
-                self.file = Some(f);
-                true
-            }
+    /// Opens the path for appending (creating it), and the rotation around it if configured.
+    fn open(&mut self) -> bool {
+        let file = match open_append(&self.path) {
+            Ok(f) => f,
             Err(e) => {
                 self.report("cannot open the", &e);
-                false
+                return false;
             }
-        }
-    }
-
-    fn set_period(&mut self, t: i64) {
-        self.period_start = t;
-        self.period_end = match self.rotate {
-            Rotate::Daily => period_end(t, 86_400),
-            Rotate::Hourly => period_end(t, 3_600),
-            Rotate::Never | Rotate::Size(_) => i64::MAX,
         };
+        let limit = match self.rotate {
+            Rotate::Never => {
+                self.sink = Some(Sink::Plain(file));
+                return true;
+            }
+            Rotate::Daily => ContentLimit::Time(TimeFrequency::Daily),
+            Rotate::Hourly => ContentLimit::Time(TimeFrequency::Hourly),
+            Rotate::Size(n) => ContentLimit::BytesSurpassed(n.clamp(1, usize::MAX as u64) as usize),
+        };
+        drop(file);
+        // FileRotate::new unwraps reading the directory.
+        let dir = self.path.parent().unwrap_or(Path::new("/"));
+        if let Err(e) = fs::read_dir(dir) {
+            self.report("cannot list the directory of the", &e);
+            return false;
+        }
+        let scheme = DatedSuffix::new(self.rotate, self.keep);
+        self.sink = Some(Sink::Rotating(Box::new(FileRotate::new(
+            &self.path,
+            scheme,
+            limit,
+            Compression::None,
+            None,
+        ))));
+        true
     }
 
     fn flush_buf(&mut self) {
         if self.buf.is_empty() {
             return;
         }
-        let res = match self.file.as_mut() {
-            Some(f) => f.write_all(&self.buf),
+        if self.reopen.swap(false, Ordering::AcqRel) {
+            self.sink = None;
+        }
+        if matches!(self.sink, Some(Sink::Rotating(_))) && fs::symlink_metadata(&self.path).is_err()
+        {
+            // Removed under us: file-rotate would write into the deleted file and then assert,
+            // when rotating, that it exists. Start over with a fresh file.
+            self.sink = None;
+        }
+        if self.sink.is_none() && !self.open() {
+            self.buf.clear();
+            return;
+        }
+        let res = match self.sink.as_mut() {
+            Some(Sink::Plain(f)) => f.write_all(&self.buf),
+            Some(Sink::Rotating(r)) => match self.rotate {
+                Rotate::Size(limit) => write_in_pieces(r, &self.buf, piece_len(limit)),
+                _ => r.write_all(&self.buf),
+            },
             None => Ok(()),
         };
         self.buf.clear();
         match res {
             Ok(()) => self.recovered(),
-            Err(e) => self.report("cannot write the", &e),
-        }
-    }
-
-    fn rotation_due(&self, now: i64, incoming: usize) -> bool {
-        if now < self.retry_rotation_at {
-            return false;
-        }
-        match self.rotate {
-            Rotate::Never => false,
-            Rotate::Size(limit) => self.size > 0 && self.size + incoming as u64 > limit,
-            Rotate::Daily | Rotate::Hourly => now >= self.period_end,
-        }
-    }
-
-    /// Renames the live file to its dated name, opens a fresh one, deletes beyond `keep`.
-    fn rotate_now(&mut self, now: i64) {
-        self.flush_buf();
-        if self.size == 0 {
-            // Nothing to keep: a new period starts in the same (empty) file.
-            self.set_period(now);
-            return;
-        }
-        let stamp = match self.rotate {
-            Rotate::Daily => stamp(self.period_start, 10),
-            Rotate::Hourly => stamp(self.period_start, 13),
-            _ => stamp(now, 19),
-        };
-        let target = free_name(&self.path, &stamp);
-        if let Err(e) = fs::rename(&self.path, &target) {
-            eprintln!(
-                "gte-supervisor: cannot rotate log file {} to {}: {e}; still writing to it, retrying in {RETRY_SECS} s",
-                self.path.display(),
-                target.display()
-            );
-            self.retry_rotation_at = now + RETRY_SECS;
-            self.set_period(now);
-            return;
-        }
-        self.file = None;
-        if self.open(now) {
-            self.set_period(now);
-        }
-        if self.keep > 0 {
-            self.prune();
-        }
-    }
-
-    /// Deletes the oldest rotated files beyond `keep`.
-    fn prune(&mut self) {
-        let Some(dir) = self.path.parent() else {
-            return;
-        };
-        let Some(name) = self.path.file_name().and_then(|n| n.to_str()) else {
-            return;
-        };
-        let mut old = rotated_files(dir, name);
-        if old.len() <= self.keep {
-            return;
-        }
-        old.sort();
-        let excess = old.len() - self.keep;
-        for (_, path) in old.into_iter().take(excess) {
-            if let Err(e) = fs::remove_file(&path) {
-                eprintln!(
-                    "gte-supervisor: cannot remove old log file {}: {e}",
-                    path.display()
-                );
+            Err(e) => {
+                self.report("cannot write or rotate the", &e);
+                if matches!(self.sink, Some(Sink::Rotating(_))) {
+                    // Its view of the directory may be stale: scan again at the next write.
+                    self.sink = None;
+                }
             }
         }
     }
 }
 
+/// The most a size-rotated file grows past its limit: writes go to file-rotate in pieces of at
+/// most this many bytes, cut between lines (a longer line is one piece).
+fn piece_len(limit: u64) -> usize {
+    (limit / 16).clamp(256, BUFFER as u64) as usize
+}
+
+/// Writes `data` in pieces of at most `max` bytes, each ending at a line end.
+fn write_in_pieces(w: &mut impl Write, data: &[u8], max: usize) -> io::Result<()> {
+    let mut rest = data;
+    while !rest.is_empty() {
+        let cut = if rest.len() <= max {
+            rest.len()
+        } else {
+            match rest[..max].iter().rposition(|&c| c == b'\n') {
+                Some(i) => i + 1,
+                // No line end within `max`: the piece is the whole (long) line.
+                None => rest
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(rest.len(), |i| i + 1),
+            }
+        };
+        w.write_all(&rest[..cut])?;
+        rest = &rest[cut..];
+    }
+    Ok(())
+}
+
 impl Write for LogFile {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let now = (self.clock)();
-        if let Rotate::Size(_) = self.rotate {
-            // A write may carry many lines (the access log writes in batches): a file is cut
-            // between lines, never inside one.
-            for line in data.split_inclusive(|&c| c == b'\n') {
-                if !self.write_chunk(line, now) {
-                    break; // the file cannot be opened: drop the batch, try again next time
-                }
-            }
-        } else {
-            self.write_chunk(data, now);
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= BUFFER {
+            self.flush_buf();
         }
         Ok(data.len())
     }
@@ -264,31 +229,6 @@ impl Write for LogFile {
     fn flush(&mut self) -> io::Result<()> {
         self.flush_buf();
         Ok(())
-    }
-}
-
-impl LogFile {
-    /// Appends `data` (rotating first if due); false when no file could be opened.
-    fn write_chunk(&mut self, data: &[u8], now: i64) -> bool {
-        if self.reopen.swap(false, Ordering::AcqRel) {
-            self.flush_buf();
-            self.file = None;
-        }
-        if self.file.is_none() && !self.open(now) {
-            return false;
-        }
-        if self.rotation_due(now, data.len()) {
-            self.rotate_now(now);
-            if self.file.is_none() {
-                return false;
-            }
-        }
-        self.buf.extend_from_slice(data);
-        self.size += data.len() as u64;
-        if self.buf.len() >= BUFFER {
-            self.flush_buf();
-        }
-        true
     }
 }
 
@@ -302,23 +242,126 @@ pub fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
-/// The first second of the period after the one containing `t` (local time, `len` seconds long).
-fn period_end(t: i64, len: i64) -> i64 {
-    let offset = local_civil(t).offset;
-    let local = t + offset;
-    let next_local = (local.div_euclid(len) + 1) * len;
-    // Across a DST change the offset differs: recompute with the offset at the boundary.
-    let guess = next_local - offset;
-    let offset2 = local_civil(guess).offset;
-    let end = next_local - offset2;
-    if end > t {
-        end
-    } else {
-        guess.max(t + 1)
+// ---------------------------------------------------------------------------------------------
+// Names of rotated files: a file_rotate suffix scheme
+// ---------------------------------------------------------------------------------------------
+
+/// The suffix of a rotated file: `2026-11-22` (+ `T14`, + `-03-07`), and a counter when that
+/// name was taken (`.1`, `.2`, …; 0 is no counter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    stamp: String,
+    n: u32,
+}
+
+impl Ord for Stamp {
+    /// file-rotate wants the most recent first.
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        (&other.stamp, other.n).cmp(&(&self.stamp, self.n))
     }
 }
 
-/// `2026-11-22T14-03-07` cut to `len` characters (10 = day, 13 = hour, 19 = second).
+impl PartialOrd for Stamp {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Display for Stamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.n {
+            0 => f.write_str(&self.stamp),
+            n => write!(f, "{}.{n}", self.stamp),
+        }
+    }
+}
+
+impl Representation for Stamp {}
+
+/// Names rotated files by the period of the lines inside (daily, hourly: the last write's local
+/// day or hour) or by the moment of rotation (size), never reusing a name that is on disk.
+pub struct DatedSuffix {
+    /// Characters of the stamp: 10 (day), 13 (hour) or 19 (second).
+    len: usize,
+    keep: usize,
+}
+
+impl DatedSuffix {
+    fn new(rotate: Rotate, keep: usize) -> Self {
+        let len = match rotate {
+            Rotate::Daily => 10,
+            Rotate::Hourly => 13,
+            Rotate::Never | Rotate::Size(_) => 19,
+        };
+        DatedSuffix { len, keep }
+    }
+}
+
+impl SuffixScheme for DatedSuffix {
+    type Repr = Stamp;
+
+    fn rotate_file(
+        &mut self,
+        basepath: &Path,
+        newest: Option<&Stamp>,
+        suffix: &Option<Stamp>,
+    ) -> io::Result<Stamp> {
+        if suffix.is_some() {
+            // Only the live file is ever renamed (file-rotate asks this when the name it got is
+            // one it knows; ours never is, unless its list is stale).
+            return Err(io::Error::other(
+                "a rotated log file is in the way; the directory is scanned again",
+            ));
+        }
+        let now = unix_now();
+        let t = if self.len == 19 {
+            now
+        } else {
+            // The live file's last write tells the period of its lines.
+            fs::metadata(basepath)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(now, |d| (d.as_secs() as i64).min(now))
+        };
+        let stamp = stamp(t, self.len);
+        // Above the newest of the same stamp (names keep sorting in the order they were made),
+        // and above any on disk (another writer, a file restored by hand).
+        let mut n = match newest {
+            Some(s) if s.stamp == stamp => s.n + 1,
+            _ => 0,
+        };
+        loop {
+            let candidate = Stamp {
+                stamp: stamp.clone(),
+                n,
+            };
+            let path = candidate.to_path(basepath);
+            let gz = PathBuf::from(format!("{}.gz", path.display()));
+            if fs::symlink_metadata(&path).is_err() && fs::symlink_metadata(&gz).is_err() {
+                return Ok(candidate);
+            }
+            n += 1;
+        }
+    }
+
+    fn parse(&self, suffix: &str) -> Option<Stamp> {
+        parse_stamp(suffix)
+    }
+
+    fn too_old(&self, _suffix: &Stamp, file_number: usize) -> bool {
+        self.keep > 0 && file_number >= self.keep
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `2026-11-22T14-03-07` cut to `len` characters (10 = day, 13 = hour, 19 = second), local time.
 fn stamp(t: i64, len: usize) -> String {
     let c = local_civil(t);
     let full = format!(
@@ -328,35 +371,13 @@ fn stamp(t: i64, len: usize) -> String {
     full[..len.min(full.len())].to_string()
 }
 
-/// `path.stamp`, or `path.stamp.N` with N above every one taken for that stamp, so that names
-/// keep sorting in the order they were made even after older ones were deleted.
-fn free_name(path: &Path, stamp: &str) -> PathBuf {
-    let base = format!("{}.{stamp}", path.display());
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return PathBuf::from(base);
-    };
-    let highest = rotated_files(dir, name)
-        .into_iter()
-        .filter(|((s, _), _)| s == stamp)
-        .map(|((_, n), _)| n)
-        .max();
-    match highest {
-        None if !Path::new(&base).exists() => PathBuf::from(base),
-        None => PathBuf::from(format!("{base}.1")),
-        Some(n) => PathBuf::from(format!("{base}.{}", n + 1)),
-    }
-}
-
-/// Sort key of a rotated file: (stamp, counter).
-type ArchiveKey = (String, u32);
-
-/// `name.<stamp>[.N][.gz]` → its key, for names this module makes.
-fn archive_key(name: &str, file: &str) -> Option<ArchiveKey> {
-    let rest = file.strip_prefix(name)?.strip_prefix('.')?;
-    let rest = rest.strip_suffix(".gz").unwrap_or(rest);
-    let (stamp, n) = match rest.split_once('.') {
-        Some((s, n)) => (s, n.parse::<u32>().ok()?),
-        None => (rest, 0),
+/// `<stamp>[.N]` (file-rotate has taken off the name and a `.gz`) → a stamp, for names of the
+/// shapes we make, whatever the current mode (all of them count towards `keep`).
+fn parse_stamp(suffix: &str) -> Option<Stamp> {
+    let (stamp, n) = match suffix.split_once('.') {
+        Some((s, n)) if !n.starts_with('0') => (s, n.parse::<u32>().ok()?),
+        Some(_) => return None,
+        None => (suffix, 0),
     };
     const SHAPE: &[u8] = b"dddd-dd-ddTdd-dd-dd";
     if ![10, 13, 19].contains(&stamp.len()) {
@@ -366,32 +387,19 @@ fn archive_key(name: &str, file: &str) -> Option<ArchiveKey> {
         b'd' => c.is_ascii_digit(),
         _ => c == s,
     });
-    ok.then(|| (stamp.to_string(), n))
-}
-
-fn rotated_files(dir: &Path, name: &str) -> Vec<(ArchiveKey, PathBuf)> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .filter_map(|e| {
-            let file = e.file_name();
-            let key = archive_key(name, file.to_str()?)?;
-            Some((key, e.path()))
-        })
-        .collect()
+    ok.then(|| Stamp {
+        stamp: stamp.to_string(),
+        n,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicI64;
+    use std::time::Duration;
 
     struct Fixture {
         dir: PathBuf,
-        now: Arc<AtomicI64>,
     }
 
     impl Fixture {
@@ -399,23 +407,18 @@ mod tests {
             let dir = std::env::temp_dir().join(format!(
                 "gte-rotate-{name}-{}-{}",
                 std::process::id(),
-                system_clock()
+                unix_now()
             ));
             let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).unwrap();
-            Fixture {
-                dir,
-                now: Arc::new(AtomicI64::new(1_795_324_511)),
-            }
+            Fixture { dir }
         }
         fn file(&self, rotate: Rotate, keep: usize) -> LogFile {
-            let now = self.now.clone();
-            LogFile::with_clock(
+            LogFile::new(
                 self.dir.join("access.log"),
                 rotate,
                 keep,
                 Arc::new(AtomicBool::new(false)),
-                Box::new(move || now.load(Ordering::SeqCst)),
             )
         }
         fn names(&self) -> Vec<String> {
@@ -430,6 +433,18 @@ mod tests {
         fn read(&self, name: &str) -> String {
             fs::read_to_string(self.dir.join(name)).unwrap_or_default()
         }
+        /// Writes `access.log` with `text`, last modified `ago` in the past.
+        fn live_written(&self, text: &str, ago: Duration) -> i64 {
+            fs::write(self.dir.join("access.log"), text).unwrap();
+            let t = SystemTime::now() - ago;
+            File::options()
+                .write(true)
+                .open(self.dir.join("access.log"))
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+            t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+        }
     }
 
     impl Drop for Fixture {
@@ -438,145 +453,197 @@ mod tests {
         }
     }
 
+    fn line(f: &mut LogFile, text: &str) {
+        f.write_all(text.as_bytes()).unwrap();
+        f.flush().unwrap();
+    }
+
     #[test]
-    fn size_rotation_keeps_n_files() {
+    fn size_rotation_keeps_n_files_in_order() {
         let fx = Fixture::new("size");
         let mut f = fx.file(Rotate::Size(10), 2);
-        for i in 0..5 {
-            f.write_all(format!("line-{i}\n").as_bytes()).unwrap(); // 7 bytes each
-            f.flush().unwrap();
-            fx.now.fetch_add(1, Ordering::SeqCst);
+        for i in 0..8 {
+            line(&mut f, &format!("line-{i}\n")); // 7 bytes: two lines a file
         }
         let names = fx.names();
         assert_eq!(names.len(), 3, "{names:?}");
-        assert_eq!(fx.read("access.log"), "line-4\n");
-        let archived: Vec<&String> = names.iter().filter(|n| *n != "access.log").collect();
-        assert_eq!(fx.read(archived[0]), "line-2\n");
-        assert_eq!(fx.read(archived[1]), "line-3\n");
-        assert!(archive_key("access.log", archived[0]).is_some());
+        assert_eq!(fx.read("access.log"), "line-6\nline-7\n");
+        let mut archived: Vec<Stamp> = names
+            .iter()
+            .filter(|n| *n != "access.log")
+            .map(|n| parse_stamp(&n["access.log.".len()..]).expect(n))
+            .collect();
+        archived.sort();
+        archived.reverse(); // oldest first
+        let text: Vec<String> = archived
+            .iter()
+            .map(|s| fx.read(&format!("access.log.{s}")))
+            .collect();
+        assert_eq!(text, ["line-2\nline-3\n", "line-4\nline-5\n"]);
     }
 
     #[test]
-    fn a_batch_of_lines_is_cut_between_lines() {
-        let fx = Fixture::new("batch");
-        let mut f = fx.file(Rotate::Size(9), 0);
-        f.write_all(b"aaaa\nbbbb\ncccc\n").unwrap();
-        f.flush().unwrap();
-        let names = fx.names();
-        assert_eq!(names.len(), 3, "{names:?}");
-        assert_eq!(fx.read("access.log"), "cccc\n");
-        for n in &names[1..] {
-            let t = fx.read(n);
-            assert!(t.len() <= 10 && t.ends_with('\n'), "{n}: {t:?}");
+    fn pieces_end_at_line_ends() {
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        struct Rec<'a>(&'a mut Vec<Vec<u8>>);
+        impl Write for Rec<'_> {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.push(b.to_vec());
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
         }
+        let data = b"aaaa\nbbbb\ncccc\nddddddddddddddddd\ne";
+        write_in_pieces(&mut Rec(&mut pieces), data, 10).unwrap();
+        let s: Vec<&str> = pieces
+            .iter()
+            .map(|p| std::str::from_utf8(p).unwrap())
+            .collect();
+        assert_eq!(s, ["aaaa\nbbbb\n", "cccc\n", "ddddddddddddddddd\n", "e"]);
+        assert_eq!(piece_len(4096), 256);
+        assert_eq!(piece_len(100 << 20), BUFFER);
     }
 
     #[test]
-    fn same_second_rotations_get_rising_counters_even_after_pruning() {
-        let fx = Fixture::new("counter");
-        let mut f = fx.file(Rotate::Size(4), 2);
-        for i in 0..6 {
-            f.write_all(format!("{i}abc").as_bytes()).unwrap();
-            f.flush().unwrap();
-        }
-        let names = fx.names();
-        assert_eq!(names.len(), 3, "{names:?}");
-        assert!(
-            names[1].ends_with(".3") && names[2].ends_with(".4"),
-            "{names:?}"
-        );
-        assert_eq!(fx.read(&names[1]), "3abc");
-        assert_eq!(fx.read(&names[2]), "4abc");
-        assert_eq!(fx.read("access.log"), "5abc");
-    }
-
-    #[test]
-    fn daily_rotation_names_the_day_of_the_lines() {
+    fn daily_rotation_names_the_day_of_the_lines_and_prunes() {
         let fx = Fixture::new("daily");
-        let mut f = fx.file(Rotate::Daily, 3);
-        f.write_all(b"day one\n").unwrap();
-        f.flush().unwrap();
-        let first_day = stamp(fx.now.load(Ordering::SeqCst), 10);
-        fx.now.fetch_add(86_400, Ordering::SeqCst);
-        f.write_all(b"day two\n").unwrap();
-        f.flush().unwrap();
-        assert_eq!(fx.read(&format!("access.log.{first_day}")), "day one\n");
-        assert_eq!(fx.read("access.log"), "day two\n");
-        // Seven more days: only 3 archives stay.
-        for _ in 0..7 {
-            fx.now.fetch_add(86_400, Ordering::SeqCst);
-            f.write_all(b"x\n").unwrap();
-            f.flush().unwrap();
+        for d in 1..=5 {
+            fs::write(fx.dir.join(format!("access.log.2020-01-0{d}")), "old\n").unwrap();
         }
-        assert_eq!(fx.names().len(), 4, "{:?}", fx.names());
+        fs::write(fx.dir.join("access.log.old"), "not ours\n").unwrap();
+        let written = fx.live_written("day one\n", Duration::from_secs(2 * 86_400));
+        let mut f = fx.file(Rotate::Daily, 3);
+        line(&mut f, "day two\n");
+        let day = stamp(written, 10);
+        assert_eq!(fx.read(&format!("access.log.{day}")), "day one\n");
+        assert_eq!(fx.read("access.log"), "day two\n");
+        // Three archives kept: the new one and the two newest old ones; not ours stays.
+        let expected = [
+            "access.log".to_string(),
+            format!("access.log.{day}"),
+            "access.log.2020-01-04".into(),
+            "access.log.2020-01-05".into(),
+            "access.log.old".into(),
+        ];
+        let mut expected = expected.to_vec();
+        expected.sort();
+        assert_eq!(fx.names(), expected);
+        // The same day: no rotation.
+        line(&mut f, "day two, later\n");
+        assert_eq!(fx.read("access.log"), "day two\nday two, later\n");
     }
 
     #[test]
-    fn hourly_rotation_and_quiet_hours() {
+    fn hourly_rotation_names_the_hour_of_the_lines() {
         let fx = Fixture::new("hourly");
+        let written = fx.live_written("a\n", Duration::from_secs(3 * 3600));
         let mut f = fx.file(Rotate::Hourly, 0);
-        f.write_all(b"a\n").unwrap();
-        fx.now.fetch_add(3 * 3600, Ordering::SeqCst);
-        f.write_all(b"b\n").unwrap();
-        f.flush().unwrap();
+        line(&mut f, "b\n");
         let names = fx.names();
-        assert_eq!(names.len(), 2, "{names:?}");
-        assert_eq!(names[1].len(), "access.log.".len() + 13, "{names:?}");
+        assert_eq!(
+            names,
+            [
+                "access.log".to_string(),
+                format!("access.log.{}", stamp(written, 13))
+            ]
+        );
+        assert_eq!(fx.read("access.log"), "b\n");
     }
 
     #[test]
     fn reopen_after_move_and_unwritable_path_never_fail() {
         let fx = Fixture::new("reopen");
-        let reopen = Arc::new(AtomicBool::new(false));
-        let mut f = LogFile::new(fx.dir.join("access.log"), Rotate::Never, 0, reopen.clone());
-        f.write_all(b"before\n").unwrap();
-        f.flush().unwrap();
-        fs::rename(fx.dir.join("access.log"), fx.dir.join("moved.log")).unwrap();
-        reopen.store(true, Ordering::SeqCst);
-        f.write_all(b"after\n").unwrap();
-        f.flush().unwrap();
-        assert_eq!(fx.read("moved.log"), "before\n");
-        assert_eq!(fx.read("access.log"), "after\n");
-
-        let mut bad = LogFile::new(
-            fx.dir.join("no-such-dir/access.log"),
-            Rotate::Size(1),
-            1,
-            Arc::new(AtomicBool::new(false)),
-        );
-        assert_eq!(bad.write(b"dropped\n").unwrap(), 8);
-        assert!(bad.flush().is_ok());
-    }
-
-    #[test]
-    fn only_our_names_are_archives() {
-        assert_eq!(
-            archive_key("a.log", "a.log.2026-11-22"),
-            Some(("2026-11-22".into(), 0))
-        );
-        assert!(archive_key("a.log", "a.log.2026-11-22T14.3.gz").is_some());
-        assert!(archive_key("a.log", "a.log.2026-11-22T14-03-07").is_some());
-        for other in [
-            "a.log",
-            "a.log.1",
-            "a.log.old",
-            "a.log.2026-11-2",
-            "a.log.2026-11-22T1",
-            "a.logx.2026-11-22",
-            "b.log.2026-11-22",
-            "a.log.2026-11-22.x",
-        ] {
-            assert_eq!(archive_key("a.log", other), None, "{other}");
+        for rotate in [Rotate::Never, Rotate::Daily] {
+            let reopen = Arc::new(AtomicBool::new(false));
+            let mut f = LogFile::new(fx.dir.join("access.log"), rotate, 0, reopen.clone());
+            line(&mut f, "before\n");
+            fs::rename(fx.dir.join("access.log"), fx.dir.join("moved.log")).unwrap();
+            reopen.store(true, Ordering::SeqCst);
+            line(&mut f, "after\n");
+            assert_eq!(fx.read("moved.log"), "before\n", "{rotate:?}");
+            assert_eq!(fx.read("access.log"), "after\n", "{rotate:?}");
+            fs::remove_file(fx.dir.join("access.log")).unwrap();
+        }
+        for rotate in [Rotate::Never, Rotate::Size(1), Rotate::Hourly] {
+            let mut bad = LogFile::new(
+                fx.dir.join("no-such-dir/access.log"),
+                rotate,
+                1,
+                Arc::new(AtomicBool::new(false)),
+            );
+            assert_eq!(bad.write(b"dropped\n").unwrap(), 8);
+            assert!(bad.flush().is_ok());
         }
     }
 
     #[test]
-    fn period_boundaries_are_ahead() {
-        let t = 1_795_324_511;
-        let d = period_end(t, 86_400);
-        assert!(d > t && d - t <= 86_400 + 3600);
-        let h = period_end(t, 3600);
-        assert!(h > t && h - t <= 3600);
-        assert_eq!(local_civil(h).minute, 0);
+    fn a_removed_live_file_is_recreated_not_a_crash() {
+        let fx = Fixture::new("removed");
+        let mut f = fx.file(Rotate::Size(10), 2);
+        line(&mut f, "one\n");
+        fs::remove_file(fx.dir.join("access.log")).unwrap();
+        for i in 0..4 {
+            line(&mut f, &format!("again-{i}\n"));
+        }
+        assert!(fx.read("access.log").ends_with("again-3\n"));
+        // The directory itself removed: lines dropped, reported, no panic; back when it is.
+        fs::remove_dir_all(&fx.dir).unwrap();
+        line(&mut f, "lost\n");
+        fs::create_dir_all(&fx.dir).unwrap();
+        line(&mut f, "back\n");
+        assert_eq!(fx.read("access.log"), "back\n");
+    }
+
+    #[test]
+    fn a_name_on_disk_is_never_reused() {
+        let fx = Fixture::new("taken");
+        let written = fx.live_written("x\n", Duration::from_secs(86_400 * 3));
+        let day = stamp(written, 10);
+        fs::write(fx.dir.join(format!("access.log.{day}")), "restored\n").unwrap();
+        fs::write(fx.dir.join(format!("access.log.{day}.1.gz")), "gz").unwrap();
+        let mut scheme = DatedSuffix::new(Rotate::Daily, 0);
+        let base = fx.dir.join("access.log");
+        let got = scheme.rotate_file(&base, None, &None).unwrap();
+        assert_eq!(got.to_string(), format!("{day}.2"));
+        // Asked to move an archive (its list is stale): an error, not a panic.
+        assert!(scheme.rotate_file(&base, None, &Some(got)).is_err());
+        assert!(!scheme.too_old(&parse_stamp("2020-01-01").unwrap(), 100));
+        let mut kept = DatedSuffix::new(Rotate::Daily, 2);
+        assert!(!kept.too_old(&parse_stamp("2020-01-01").unwrap(), 1));
+        assert!(kept.too_old(&parse_stamp("2020-01-01").unwrap(), 2));
+        let _ = kept.rotate_file(&base, None, &None).unwrap();
+    }
+
+    #[test]
+    fn only_our_names_are_archives() {
+        let p = |s: &str| parse_stamp(s).map(|s| s.to_string());
+        assert_eq!(p("2026-11-22"), Some("2026-11-22".into()));
+        assert_eq!(p("2026-11-22T14.3"), Some("2026-11-22T14.3".into()));
+        assert!(p("2026-11-22T14-03-07").is_some());
+        for other in [
+            "",
+            "1",
+            "old",
+            "2026-11-2",
+            "2026-11-22T1",
+            "2026-11-22.x",
+            "2026-11-22.01",
+            "2026-11-22T14:03:07",
+        ] {
+            assert_eq!(p(other), None, "{other}");
+        }
+        // Newest first, counters above the bare stamp.
+        let mut v: Vec<Stamp> = ["2026-11-22", "2026-11-22.2", "2026-11-23", "2026-11-22.1"]
+            .iter()
+            .map(|s| parse_stamp(s).unwrap())
+            .collect();
+        v.sort();
+        let order: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            order,
+            ["2026-11-23", "2026-11-22.2", "2026-11-22.1", "2026-11-22"]
+        );
     }
 }
