@@ -1033,3 +1033,97 @@ fn flask_predict_with_chunked_body() {
     let r = c.read_response(false).expect("response");
     assert_ner_answer(&r);
 }
+
+// ---------------------------------------------------------------------------------------------
+// RFC 9112 framing and half-closing clients
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_client_that_half_closes_still_gets_its_answers() {
+    let fx = start_standard("half_close", |c| c);
+    // The request (and a pipelined second one, with a body) is out; the client shuts down its
+    // sending side, as `nc -N` and request-corpus runners do, and reads the answers.
+    let mut h = fx.srv.connect();
+    h.send(
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\
+          POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+    );
+    h.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let first = h.read_response(false).expect("first answer");
+    assert_eq!(first.status, 200, "{}", fx.srv.diagnostics());
+    assert_eq!(first.text(), "hello from testapp\n");
+    let second = h.read_response(false).expect("second answer");
+    assert_eq!(second.status, 200);
+    assert_eq!(second.json().get("body").str(), Some("hello"));
+    assert!(h.peer_closes_within(Duration::from_secs(10)));
+}
+
+#[test]
+fn requests_the_rfcs_refuse_get_a_clear_status_and_a_closed_connection() {
+    let fx = start_standard("rfc_refusals", |c| c);
+    let cases: &[(&str, &[u8], u16)] = &[
+        ("HTTP/1.1 without Host", b"GET / HTTP/1.1\r\n\r\n", 400),
+        (
+            "two Host lines",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            400,
+        ),
+        (
+            "Host with user info",
+            b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+            400,
+        ),
+        (
+            "a coding the server does not know",
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            501,
+        ),
+        (
+            "chunked twice",
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        ("* for GET", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (
+            "CONNECT to an origin server",
+            b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+            501,
+        ),
+    ];
+    for (what, bytes, status) in cases {
+        let mut h = fx.srv.connect();
+        h.send(bytes);
+        let r = h
+            .read_response(false)
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", fx.srv.diagnostics()));
+        assert_eq!(r.status, *status, "{what}: {}", r.text());
+        assert!(r.closes(), "{what}: Connection: close expected");
+        assert!(h.peer_closes_within(Duration::from_secs(10)), "{what}");
+    }
+    // None of them reached the app; sound neighbours still do.
+    for ok in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: \r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: [::1]:8000\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+    ] {
+        let mut h = fx.srv.connect();
+        h.send(ok);
+        let r = h.read_response(false).expect("answer");
+        assert_ne!(r.status, 400, "{}", String::from_utf8_lossy(ok));
+        assert_ne!(r.status, 501, "{}", String::from_utf8_lossy(ok));
+    }
+    // Content-Length with Transfer-Encoding: read as chunked (the length is dropped), answered,
+    // and the connection closed after it (RFC 9112 §6.3).
+    let mut h = fx.srv.connect();
+    h.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
+    let r = h.read_response(false).expect("answer");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json().get("body").str(), Some("abc"));
+    assert!(h.peer_closes_within(Duration::from_secs(10)));
+    let log = fx.srv.access_log();
+    assert!(
+        !log.contains("CONNECT") || log.contains("\"CONNECT a:443 HTTP/1.1\" 501"),
+        "{log}"
+    );
+}

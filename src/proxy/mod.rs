@@ -162,6 +162,7 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
         StatusCode::BAD_GATEWAY => "Bad Gateway\n",
         StatusCode::SERVICE_UNAVAILABLE => "Service Unavailable\n",
         StatusCode::GATEWAY_TIMEOUT => "Gateway Timeout\n",
+        StatusCode::NOT_IMPLEMENTED => "Not Implemented\n",
         _ => "Error\n",
     };
     let mut r = Response::new(ProxyBody::full(Bytes::from_static(text.as_bytes())));
@@ -175,6 +176,87 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     r
+}
+
+/// The status for a request whose framing or target hyper accepts but the HTTP RFCs do not
+/// (None for a sound one):
+/// - Host: an HTTP/1.1 request without one, any request with two, or one that is not a host
+///   and port: 400 (RFC 9112 §3.2);
+/// - Transfer-Encoding: chunked more than once: 400; a coding other than chunked: 501 (§6.1),
+///   instead of handing the app a still-encoded body. (With a Content-Length too, hyper
+///   drops the Content-Length, reads the body as chunked and closes the connection after the
+///   answer, as §6.3 asks.)
+/// - `*` as the target of anything but OPTIONS: 400 (§3.2.4);
+/// - CONNECT, which asks an origin server for a tunnel: 501.
+pub fn message_error<B>(req: &Request<B>) -> Option<StatusCode> {
+    let headers = req.headers();
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() == ::http::Version::HTTP_11 => {
+            return Some(StatusCode::BAD_REQUEST)
+        }
+        (Some(_), Some(_)) => return Some(StatusCode::BAD_REQUEST),
+        (Some(h), None) if !valid_host(h.as_bytes()) => return Some(StatusCode::BAD_REQUEST),
+        _ => {}
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let mut codings = 0;
+        let mut chunked = 0;
+        for value in headers.get_all(header::TRANSFER_ENCODING) {
+            for coding in value.as_bytes().split(|&c| c == b',') {
+                let coding = coding.trim_ascii();
+                if coding.is_empty() {
+                    continue;
+                }
+                codings += 1;
+                if coding.eq_ignore_ascii_case(b"chunked") {
+                    chunked += 1;
+                }
+            }
+        }
+        if chunked < codings {
+            return Some(StatusCode::NOT_IMPLEMENTED);
+        }
+        if chunked != 1 {
+            return Some(StatusCode::BAD_REQUEST);
+        }
+    }
+    if req.method() == ::http::Method::CONNECT {
+        return Some(StatusCode::NOT_IMPLEMENTED);
+    }
+    if req.uri() == "*" && req.method() != ::http::Method::OPTIONS {
+        return Some(StatusCode::BAD_REQUEST);
+    }
+    None
+}
+
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2), or empty: registered-name and IP-literal
+/// characters only, so no user info, path, space or control character.
+fn valid_host(h: &[u8]) -> bool {
+    h.iter().all(|&c| {
+        c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'%'
+                    | b'['
+                    | b']'
+            )
+    })
 }
 
 /// Handles one request.
@@ -216,6 +298,15 @@ pub async fn handle(
     };
     // Captures only what the access format and the metrics use (None when both are off).
     let record = shared.access.begin(&req, &client_ip_string, start);
+
+    // What hyper lets through but RFC 9112 / 9110 do not: answered here, and the connection
+    // closed after, since the client and we may disagree on where the next request starts.
+    if let Some(status) = message_error(&req) {
+        let mut r = shared.reject(status, record);
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(r);
+    }
 
     // Refuse an announced oversized body before reading any of it.
     if let Some(cl) = req.headers().get(header::CONTENT_LENGTH) {
@@ -397,7 +488,13 @@ async fn serve_connection(
     builder
         .timer(TokioTimer::new())
         .max_buf_size(settings.limit_request_header.max(8192))
-        .max_headers(settings.limit_request_fields);
+        .max_headers(settings.limit_request_fields)
+        // A client may shut down its sending side once the request is out (`nc -N`, request
+        // corpora, some HTTP/1.0 clients) and still read the answer, as gunicorn and uWSGI
+        // give it. Without this hyper takes that end of file for a client that left and drops
+        // the request. The cost: a client that really left is only noticed when its answer
+        // cannot be written, so its request still runs (as under gunicorn).
+        .half_close(true);
     if settings.keepalive.is_zero() {
         builder.keep_alive(false);
         builder.header_read_timeout(Duration::from_secs(30));
