@@ -1127,3 +1127,77 @@ fn requests_the_rfcs_refuse_get_a_clear_status_and_a_closed_connection() {
         "{log}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// An app's response head that lies or breaks PEP 3333
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_lying_content_length_never_desyncs_a_keep_alive_connection() {
+    let fx = start_standard("lying_cl", |c| c);
+    let mut c = fx.srv.connect();
+    // More than declared, buffered (20 + 3) and streamed (140000 + 3): cut to the declared
+    // length, and the next request on the same connection gets its own answer.
+    for (parts, size) in [(2, 10), (2, 70_000)] {
+        let r = c.request(
+            "GET",
+            &format!("/gen?parts={parts}&size={size}&extra=3"),
+            &[],
+            b"",
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), parts * size, "{parts} x {size}");
+        assert!(!r.body.contains(&b'!'), "bytes past the declared length");
+        let next = c.request("GET", "/", &[], b"");
+        assert_eq!(next.text(), "hello from testapp\n", "{parts} x {size}");
+    }
+    // Less than declared, buffered and streamed: the declared length goes out with what there
+    // is, then the connection is cut: the client sees an incomplete response, never the next
+    // one read into it.
+    for (parts, size) in [(1, 10), (2, 70_000)] {
+        let mut c = fx.srv.connect();
+        c.send(
+            format!(
+                "GET /gen?parts={parts}&size={size}&short=5 HTTP/1.1\r\nHost: a\r\n\r\n\
+                 GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        let head = c.read_head().expect("the head goes out");
+        assert_eq!(head.status, 200);
+        assert_eq!(
+            head.header("content-length"),
+            Some(&*(parts * size + 5).to_string())
+        );
+        let mut rest = c.buffered().to_vec();
+        let mut buf = [0u8; 65536];
+        loop {
+            match std::io::Read::read(&mut c.stream, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => rest.extend_from_slice(&buf[..n]),
+            }
+        }
+        assert_eq!(rest.len(), parts * size, "{parts} x {size}: then the cut");
+        assert!(!rest.windows(8).any(|w| w == b"HTTP/1.1"));
+    }
+    let log = fx.srv.error_log();
+    assert!(log.contains("more than its Content-Length"), "{log}");
+    assert!(log.contains("less than its Content-Length"), "{log}");
+    assert_eq!(fx.srv.get("/").status, 200);
+}
+
+#[test]
+fn hop_by_hop_headers_from_the_app_are_dropped_as_gunicorn_does() {
+    let fx = start_standard("hop", |c| c);
+    let mut c = fx.srv.connect();
+    let r = c.request("GET", "/hop", &[], b"");
+    assert_eq!((r.status, r.text().as_str()), (200, "hop\n"));
+    for name in ["connection", "keep-alive", "transfer-encoding", "upgrade"] {
+        assert_eq!(r.header(name), None, "{name} passed on");
+    }
+    // The connection stays usable; `Connection: close` from the app is honoured.
+    let r = c.request("GET", "/hop?conn=close", &[], b"");
+    assert_eq!((r.status, r.text().as_str()), (200, "hop\n"));
+    assert!(r.closes(), "Connection: close from the app");
+    assert!(c.peer_closes_within(Duration::from_secs(10)));
+}

@@ -390,6 +390,7 @@ pub async fn handle(
             | ::http::Method::OPTIONS
             | ::http::Method::TRACE
     );
+    let head_request = parts.method == ::http::Method::HEAD;
     drop(parts);
     Ok(wire::forward(
         &shared,
@@ -398,6 +399,7 @@ pub async fn handle(
         record,
         timeout,
         idempotent,
+        head_request,
     )
     .await)
 }

@@ -167,6 +167,7 @@ pub async fn forward(
     mut record: Option<AccessRecord>,
     timeout: Option<std::time::Duration>,
     idempotent: bool,
+    head_request: bool,
 ) -> Response<ProxyBody> {
     let mut resent = false;
     let mut message = Some((request, body));
@@ -190,7 +191,17 @@ pub async fn forward(
             // Its service time decides whether it may be sent requests ahead.
             slot.sent_at = Some(std::time::Instant::now());
         }
-        match exchange(shared, slot, conn, record, timeout, may_resend).await {
+        match exchange(
+            shared,
+            slot,
+            conn,
+            record,
+            timeout,
+            may_resend,
+            head_request,
+        )
+        .await
+        {
             Exchange::Done(resp) => return resp,
             Exchange::Resend(r) => {
                 resent = true;
@@ -215,6 +226,7 @@ async fn exchange(
     record: Option<AccessRecord>,
     timeout: Option<std::time::Duration>,
     may_resend: bool,
+    head_request: bool,
 ) -> Exchange {
     let timeout = timeout.unwrap_or(slot.worker.timeout);
     let deadline = Instant::now() + timeout;
@@ -251,7 +263,15 @@ async fn exchange(
         Ok(Err(e)) => return Exchange::Done(fail(shared, slot, &e.to_string(), record)),
         Err(_) => return Exchange::Done(timed_out(shared, slot, record)),
     };
-    Exchange::Done(respond(shared, slot, conn, start, record, timeout))
+    Exchange::Done(respond(
+        shared,
+        slot,
+        conn,
+        start,
+        record,
+        timeout,
+        head_request,
+    ))
 }
 
 /// Builds the client's response from a worker's start frame: at once when the whole response is
@@ -263,11 +283,15 @@ fn respond(
     start: Bytes,
     mut record: Option<AccessRecord>,
     timeout: std::time::Duration,
+    head_request: bool,
 ) -> Response<ProxyBody> {
-    let (status, reason, headers) = match protocol::parse_start(&start) {
+    let (status, reason, mut headers) = match protocol::parse_start(&start) {
         Ok(x) => x,
         Err(e) => return fail(shared, slot, &e.0, record),
     };
+    // The body must match the app's Content-Length, or the client reads the next response
+    // as the rest of this one (keep-alive): see `Declared`.
+    let mut declared = Declared::of(&mut headers, status, head_request);
     shared.access.capture_response(&mut record, &headers);
     let mut resp = Response::new(ProxyBody::empty());
     *resp.status_mut() = status;
@@ -295,9 +319,19 @@ fn respond(
                         Some(all.freeze())
                     }
                 };
-                let len = body.as_ref().map_or(0, |b| b.len() as u64);
                 let pid = slot.worker.pid();
                 finish(shared, slot, conn);
+                let body = body.and_then(|b| declared.cut(b, pid));
+                if declared.short(pid) {
+                    // hyper frames a whole body by its real length but writes the app's header:
+                    // send what there is under the declared length and close, so the client
+                    // sees an incomplete response rather than reading the next one into it.
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                let len = body.as_ref().map_or(0, |b| b.len() as u64);
                 if let Some(r) = &record {
                     shared.access.log(r, status.as_u16(), len, Some(pid));
                 }
@@ -347,6 +381,7 @@ fn respond(
         chunks,
         timeout,
         Queue { tx, budget },
+        declared,
     ));
     *resp.body_mut() = ProxyBody::Wire(Box::new(WireBody {
         shared: shared.clone(),
@@ -359,6 +394,94 @@ fn respond(
         abort: false,
     }));
     resp
+}
+
+const SHORT_BODY: &str = "the application sent less than its Content-Length";
+
+/// The Content-Length the app declared for a body the client will read (not for HEAD, 1xx, 204,
+/// 304), and how much of it is still to come. Bytes past it are dropped (as gunicorn does); a
+/// body that ends short ends the client's response with an error, so hyper cuts the connection
+/// instead of letting the client take the next response for the rest of this one. Either is an
+/// application bug, logged as a warning.
+struct Declared {
+    remaining: Option<u64>,
+    warned: bool,
+}
+
+impl Declared {
+    fn of(headers: &mut http::HeaderMap, status: StatusCode, head_request: bool) -> Declared {
+        let none = Declared {
+            remaining: None,
+            warned: false,
+        };
+        let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+        let (Some(first), second) = (values.next(), values.next()) else {
+            return none;
+        };
+        let parsed = std::str::from_utf8(first.as_bytes())
+            .ok()
+            .filter(|v| !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit()))
+            .and_then(|v| v.parse::<u64>().ok());
+        let consistent = second.is_none_or(|s| s == first);
+        let Some(n) = parsed.filter(|_| consistent) else {
+            // Not a length a client could rely on: drop it (the response is then framed by
+            // its real length, or chunked).
+            tracing::warn!(
+                value = ?first,
+                "the application sent an invalid or conflicting Content-Length; dropped"
+            );
+            headers.remove(http::header::CONTENT_LENGTH);
+            return none;
+        };
+        if second.is_some() {
+            headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n));
+        }
+        if head_request
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return none;
+        }
+        Declared {
+            remaining: Some(n),
+            warned: false,
+        }
+    }
+
+    /// The part of `b` within the declared length (None when nothing of it is).
+    fn cut(&mut self, mut b: Bytes, pid: u32) -> Option<Bytes> {
+        let Some(left) = self.remaining.as_mut() else {
+            return Some(b);
+        };
+        if b.len() as u64 > *left {
+            if !self.warned {
+                self.warned = true;
+                tracing::warn!(
+                    pid,
+                    "the application sent more than its Content-Length; the rest is dropped"
+                );
+            }
+            b.truncate(*left as usize);
+        }
+        *left -= b.len() as u64;
+        (!b.is_empty()).then_some(b)
+    }
+
+    /// At the end of the body: true (and a warning) if it was shorter than declared.
+    fn short(&mut self, pid: u32) -> bool {
+        match self.remaining {
+            Some(left) if left > 0 => {
+                tracing::warn!(
+                    pid,
+                    missing = left,
+                    "the application sent less than its Content-Length; client connection cut"
+                );
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A request on its way through a worker; see `forward`.
@@ -468,9 +591,14 @@ async fn pump(
     pending: VecDeque<Bytes>,
     timeout: std::time::Duration,
     tx: Queue,
+    mut declared: Declared,
 ) {
     let mut client_gone = false;
+    let pid = slot.worker.pid();
     for b in pending {
+        let Some(b) = declared.cut(b, pid) else {
+            continue;
+        };
         if !client_gone && !tx.send(b).await {
             client_gone = true;
         }
@@ -478,11 +606,17 @@ async fn pump(
     loop {
         match tokio::time::timeout(timeout, conn.next_frame()).await {
             Ok(Ok(Frame::Body(b))) => {
+                let Some(b) = declared.cut(b, pid) else {
+                    continue;
+                };
                 if !client_gone && !tx.send(b).await {
                     client_gone = true;
                 }
             }
             Ok(Ok(Frame::End)) => {
+                if declared.short(pid) {
+                    tx.fail(SHORT_BODY);
+                }
                 flush_then_finish(&shared, slot, conn, timeout).await;
                 return;
             }

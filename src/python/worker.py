@@ -77,7 +77,10 @@ _PEER_GONE = frozenset(getattr(errno, name) for name in (
     'EPIPE', 'ECONNRESET', 'ENOTCONN', 'ESHUTDOWN', 'ECONNABORTED') if hasattr(errno, name))
 
 # PEP 3333: "applications and middleware are forbidden from using HTTP/1.1 hop-by-hop features or
-# headers" (same list as wsgiref.util.is_hop_by_hop).
+# headers" (same list as wsgiref.util.is_hop_by_hop).  As gunicorn does, such a header is dropped
+# rather than failing the request (apps that ran under gunicorn send them), except that
+# "Connection: close" is passed on: the master then closes the client connection after this
+# response.
 _HOP_BY_HOP = frozenset(('connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization',
                          'te', 'trailers', 'transfer-encoding', 'upgrade'))
 
@@ -145,9 +148,6 @@ def _bad_head_error(status, headers):
         name, value = h
         if not isinstance(name, str) or not isinstance(value, str):
             return TypeError('response header name and value must be str: %r' % (h,))
-        if name.lower() in _HOP_BY_HOP:
-            return AssertionError('hop-by-hop header %r is not allowed in a WSGI response '
-                                  '(PEP 3333)' % (name,))
         if not _token_match(name):
             return ValueError('invalid response header name %r' % (name,))
         if not _text_match(value):
@@ -549,14 +549,16 @@ class _Handler:
                     raise TypeError
                 name = h[0].lower()
                 if name in _HOP_BY_HOP:
-                    raise TypeError
+                    if name == 'connection' and 'close' in h[1].lower():
+                        fields += ('Connection', 'close')
+                    continue
                 if name == 'content-length':
                     value = h[1]
                     ok = type(value) is str and value.isascii() and value.isdigit()
                     clen = int(value) if ok else -2
                 fields += h
             head = '\0'.join(fields)
-            if _head_match(head) is None or head.count('\0') != 2 * len(headers):
+            if _head_match(head) is None or head.count('\0') != len(fields) - 1:
                 raise ValueError
             sframe = head.encode('latin-1')
         except Exception:

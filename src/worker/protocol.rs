@@ -299,6 +299,26 @@ pub fn take_frame(buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
     }))
 }
 
+/// Hop-by-hop response headers (RFC 9110 §7.6.1; gunicorn's list): never passed to the client
+/// as the app wrote them.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::UPGRADE
+        || *name == header::PROXY_AUTHENTICATE
+        || *name == header::PROXY_AUTHORIZATION
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "trailers"
+}
+
+fn has_close_token(value: &[u8]) -> bool {
+    value
+        .split(|&c| c == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
 /// Status and headers of an `S` frame.
 pub fn parse_start(
     payload: &[u8],
@@ -321,10 +341,12 @@ pub fn parse_start(
             .ok_or_else(|| ProtocolError("header without value".into()))?;
         let name = HeaderName::from_bytes(name)
             .map_err(|_| ProtocolError("invalid header name".into()))?;
-        if name == header::CONNECTION
-            || name == header::TRANSFER_ENCODING
-            || name.as_str() == "keep-alive"
-        {
+        if is_hop_by_hop(&name) {
+            // The worker passes only `Connection: close` (hyper then closes the client
+            // connection after this response); anything else of the kind is dropped.
+            if name == header::CONNECTION && has_close_token(value) {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             continue;
         }
         let value = HeaderValue::from_bytes(value)
@@ -469,5 +491,17 @@ mod tests {
             forwarded_client(&h, "127.0.0.1".parse().unwrap(), &t),
             Some(&b"198.51.100.2"[..])
         );
+    }
+
+    #[test]
+    fn hop_by_hop_response_headers_are_dropped_but_close_is_kept() {
+        let p = b"200 OK\0Connection\0Keep-Alive, CLOSE\0Keep-Alive\0timeout=5\0\
+                  Transfer-Encoding\0chunked\0Upgrade\0h2c\0X-A\01";
+        let (_, _, h) = parse_start(p).unwrap();
+        assert_eq!(h.get("connection").unwrap(), "close");
+        assert_eq!(h.get("x-a").unwrap(), "1");
+        assert_eq!(h.len(), 2, "{h:?}");
+        let (_, _, h) = parse_start(b"200 OK\0Connection\0keep-alive").unwrap();
+        assert!(h.is_empty(), "{h:?}");
     }
 }

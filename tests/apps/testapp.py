@@ -124,8 +124,9 @@ def app(environ, start_response):
     if path == "/gen":
         parts, size = int(q.get("parts", "1")), int(q.get("size", "10"))
         extra = int(q.get("extra", "0"))
+        short = int(q.get("short", "0"))  # declare this many bytes more than are sent
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
-                                  ("Content-Length", str(parts * size))])
+                                  ("Content-Length", str(parts * size + short))])
 
         def gen():
             for i in range(parts):
@@ -133,6 +134,17 @@ def app(environ, start_response):
             if extra:
                 yield b"!" * extra
         return gen()
+
+    if path == "/hop":
+        # Hop-by-hop headers, as some apps send them under gunicorn (PEP 3333 forbids them).
+        body = b"hop\n"
+        start_response("200 OK", [("Content-Type", "text/plain"),
+                                  ("Content-Length", str(len(body))),
+                                  ("Connection", q.get("conn", "keep-alive")),
+                                  ("Keep-Alive", "timeout=5"),
+                                  ("Transfer-Encoding", "identity"),
+                                  ("Upgrade", "h2c")])
+        return [body]
 
     if path == "/stream":
         start_response("200 OK", [("Content-Type", "text/plain")])
