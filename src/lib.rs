@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod event;
+pub mod fdlimit;
 pub mod logging;
 pub mod master;
 pub mod metrics;

@@ -141,6 +141,9 @@ fn run(config_path: &Path) -> i32 {
         },
         None => None,
     };
+    // One or two descriptors per client connection: take the hard open-file limit (children get
+    // the original back).
+    let nofile = gte_supervisor::fdlimit::raise();
     // Workers forked by the warm process (preload) are handed to the master when their
     // intermediate parent exits: the master is their subreaper, so it reaps them like the others.
     // SAFETY: prctl with integer arguments only.
@@ -190,6 +193,9 @@ fn run(config_path: &Path) -> i32 {
             Ok(l) => l,
             Err(e) => return fail(exit::CONFIG, e),
         };
+        if let Some((old, new)) = nofile {
+            tracing::debug!(old, new, "open-file limit raised to the hard limit");
+        }
         let listener = match std_listener
             .set_nonblocking(true)
             .and_then(|_| tokio::net::TcpListener::from_std(std_listener))

@@ -85,9 +85,11 @@ pub fn start_new_master(
         .env(READY_ENV, "4")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(false);
-    // SAFETY: only dup/dup2 (async-signal-safe) between fork and exec.
+    // SAFETY: only dup/dup2/setrlimit (async-signal-safe) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // The new master raises the open-file limit itself, from the original.
+            crate::fdlimit::restore_in_child();
             // Move both out of the way first so neither is clobbered by the other's target.
             let l = libc::dup(listen_raw);
             let w = libc::dup(write_raw);

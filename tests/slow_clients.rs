@@ -120,3 +120,68 @@ fn sched_batch_false_leaves_workers_on_the_default_policy() {
         assert_eq!(sched_policy(pid), 0, "worker {pid}");
     }
 }
+
+/// (soft, hard) open-file limit of a process, from /proc/PID/limits.
+fn nofile(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (v[0], v[1])
+}
+
+#[test]
+fn hundreds_of_idle_clients_fit_under_a_systemd_soft_fd_limit() {
+    // Started as systemd starts a service, with a small soft open-file limit (1024 there; 256
+    // here) under a higher hard one: the master takes the hard limit, its workers get the
+    // original soft limit back (an app that uses select() sees what it would under gunicorn).
+    let dir = TestDir::new("nofile");
+    let port = free_port();
+    let cfg = Conf::standard(&dir, port)
+        .set("workers", "keepalive", "60")
+        .write(&dir);
+    let mut srv = Server::spawn_with(&dir, &cfg, port, &dir.path, "master", |cmd| {
+        // SAFETY: getrlimit/setrlimit only, between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(cmd, || {
+                let mut l = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+                l.rlim_cur = 256.min(l.rlim_max);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+                Ok(())
+            });
+        }
+    });
+    srv.wait_ready(READY_TIMEOUT);
+    let (soft, hard) = nofile(srv.pid);
+    if hard <= 256 {
+        eprintln!("hard open-file limit is {hard}: nothing to raise; skipping");
+        return;
+    }
+    assert_eq!(soft, hard, "the master takes the hard limit");
+    let workers = srv.wait_children_count(2, Duration::from_secs(30));
+    for w in &workers {
+        assert_eq!(nofile(*w), (256, hard), "worker {w} gets the original back");
+    }
+    // 400 idle keep-alive clients: more descriptors than the soft limit the master started with.
+    let mut idle = Vec::new();
+    for _ in 0..400 {
+        let mut h = Http::connect(port);
+        let r = h.request("GET", "/", &[], b"");
+        assert_eq!(r.status, 200);
+        idle.push(h);
+    }
+    // A new client and the old ones are still served.
+    assert_eq!(srv.get("/").status, 200, "{}", srv.diagnostics());
+    for h in idle.iter_mut().step_by(50) {
+        assert_eq!(h.request("GET", "/", &[], b"").status, 200);
+    }
+}

@@ -232,11 +232,11 @@ fn batch_scheduling(cmd: &mut Command) {
 /// In the child, between fork and exec: die with the master (PDEATHSIG, also when it is
 /// SIGKILLed; set after any setuid, which clears it), exit if the master is already gone, take a
 /// process group of its own (a terminal's Ctrl-C reaches the master only, which stops children in
-/// order; a program's helpers are signalled as a group), and inherit `fds` as `(fd, number in the
-/// child)`.
+/// order; a program's helpers are signalled as a group), get the open-file limit the master
+/// started with ([`crate::fdlimit`]), and inherit `fds` as `(fd, number in the child)`.
 pub(crate) fn guard_child(cmd: &mut Command, master_pid: u32, fds: [Option<(i32, i32)>; 2]) {
     let master_pid = master_pid as i32;
-    // SAFETY: only async-signal-safe calls (prctl, getppid, setpgid, dup2, fcntl, _exit) between
+    // SAFETY: only async-signal-safe calls (prctl, getppid, setpgid, setrlimit, dup2, fcntl, _exit) between
     // fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -247,6 +247,7 @@ pub(crate) fn guard_child(cmd: &mut Command, master_pid: u32, fds: [Option<(i32,
                 libc::_exit(1);
             }
             libc::setpgid(0, 0);
+            crate::fdlimit::restore_in_child();
             // The targets (3, 4) are above stdio and the sources are CLOEXEC descriptors the
             // master made, so a dup2 never clobbers the other source unless it is the target.
             for (fd, target) in fds.into_iter().flatten() {

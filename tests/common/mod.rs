@@ -750,6 +750,18 @@ impl Server {
         cwd: &Path,
         tag: &str,
     ) -> Server {
+        Server::spawn_with(dir, config, port, cwd, tag, |_| {})
+    }
+
+    /// Like `spawn_with_stdio`, with a last say on the command (e.g. a `pre_exec`).
+    pub fn spawn_with(
+        dir: &TestDir,
+        config: &Path,
+        port: u16,
+        cwd: &Path,
+        tag: &str,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Server {
         let notify_path = notify_socket_path(dir);
         let _ = fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).expect("bind NOTIFY_SOCKET");
@@ -758,15 +770,15 @@ impl Server {
             .unwrap();
         let stdout_path = dir.join(format!("{tag}.stdout"));
         let stderr_path = dir.join(format!("{tag}.stderr"));
-        let child = bin_command(
+        let mut cmd = bin_command(
             &["-c", config.to_str().unwrap()],
             cwd,
             &stdout_path,
             &stderr_path,
-        )
-        .env("NOTIFY_SOCKET", &notify_path)
-        .spawn()
-        .expect("spawn gte-supervisor");
+        );
+        cmd.env("NOTIFY_SOCKET", &notify_path);
+        tweak(&mut cmd);
+        let child = cmd.spawn().expect("spawn gte-supervisor");
         Server {
             pid: child.id(),
             child,
