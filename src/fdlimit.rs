@@ -31,8 +31,8 @@ pub fn raise() -> Option<(u64, u64)> {
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
         return None;
     }
-    ORIGINAL_SOFT.store(old as u64, Ordering::Relaxed);
-    Some((old as u64, lim.rlim_max as u64))
+    ORIGINAL_SOFT.store(old, Ordering::Relaxed);
+    Some((old, lim.rlim_max))
 }
 
 /// In a child between fork and exec: puts the original soft limit back. Only an atomic load
@@ -49,7 +49,7 @@ pub fn restore_in_child() {
     // SAFETY: as above; a failure leaves the raised limit, which is harmless.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = (old as libc::rlim_t).min(lim.rlim_max);
+            lim.rlim_cur = old.min(lim.rlim_max);
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
