@@ -260,6 +260,18 @@ fn environment(cfg: &Config, r: &mut Report) {
         Err(e) if running_master.is_some() && e.kind() == std::io::ErrorKind::AddrInUse => r.note(
             &format!("bind address {} is in use by the running master", cfg.bind),
         ),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => match listener_owner(cfg.bind) {
+            Some((pid, name)) if name == "gte-supervisor" => r.note(&format!(
+                "bind address {} is in use by gte-supervisor (pid {pid}): a running master, \
+                 fine for a reload (this config has no pidfile to tell whose)",
+                cfg.bind
+            )),
+            Some((pid, name)) => r.error(&format!(
+                "bind address {}: {e}: held by {name} (pid {pid}); stop it first",
+                cfg.bind
+            )),
+            None => r.error(&format!("bind address {}: {e}", cfg.bind)),
+        },
         Err(e) => r.error(&format!("bind address {}: {e}", cfg.bind)),
     }
     let w = &cfg.workers;
@@ -308,4 +320,51 @@ fn processes(cfg: &Config, r: &mut Report) {
             check_file_target(r, log, &format!("process {name} log"));
         }
     }
+}
+
+/// The process listening on `addr`'s port (same address, or a wildcard one): its pid and
+/// command name, from /proc/net/tcp{,6} and the sockets in /proc/PID/fd. None when it cannot
+/// be seen (another user's process without root, or no /proc).
+fn listener_owner(addr: std::net::SocketAddr) -> Option<(u32, String)> {
+    let port = format!("{:04X}", addr.port());
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... inode (10th field); st 0A = LISTEN
+            if f.len() > 9 && f[3] == "0A" && f[1].rsplit(':').next() == Some(port.as_str()) {
+                inodes.push(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc_entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if inodes.iter().any(|i| link.as_os_str() == i.as_str()) {
+                let name = std::fs::read_to_string(proc_entry.path().join("comm"))
+                    .map(|c| c.trim().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                return Some((pid, name));
+            }
+        }
+    }
+    None
 }

@@ -144,7 +144,41 @@ fn check_bind_in_use_exits_2() {
         "message must name the address: {}",
         out.dump()
     );
+    // ... and who holds it (this test process), so that "stop gunicorn first" is obvious.
+    assert!(
+        out.all()
+            .contains(&format!("held by {}", process_name(std::process::id())))
+            && out.all().contains(&format!("pid {}", std::process::id())),
+        "message must name the holder: {}",
+        out.dump()
+    );
     drop(holder);
+}
+
+fn process_name(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn check_beside_a_running_master_without_pidfile_is_not_an_error() {
+    // No pidfile to tell that the port's holder is this service's own master: check finds the
+    // listening socket's process and says so instead of failing a pre-reload check.
+    let dir = TestDir::new("check_running");
+    let port = free_port();
+    let conf = Conf::standard(&dir, port).remove("", "pidfile");
+    let mut srv = Server::start(&dir, &conf);
+    let out = check(&dir, &srv.config);
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    assert!(
+        out.all()
+            .contains(&format!("in use by gte-supervisor (pid {})", srv.pid)),
+        "{}",
+        out.dump()
+    );
+    srv.stop_term();
 }
 
 #[test]
