@@ -884,6 +884,29 @@ fn command_worker_serves_http_on_its_port() {
     let mut srv = Server::start(&dir, &conf);
     let kids = srv.children();
     assert_eq!(kids.len(), 2, "{}", srv.diagnostics());
+    // Hop-by-hop fields stop at the master both ways (RFC 9110 7.6.1), end-to-end ones pass.
+    let mut c = srv.connect();
+    let r = c.request(
+        "GET",
+        "/hop",
+        &[
+            ("Connection", "X-Client-Hop"),
+            ("X-Client-Hop", "1"),
+            ("Keep-Alive", "300"),
+            ("TE", "trailers"),
+            ("X-End", "ok"),
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", srv.diagnostics());
+    let seen = r.text();
+    assert!(seen.contains("x-end: ok"), "{seen}");
+    for hop in ["x-client-hop", "keep-alive", "te:", "connection"] {
+        assert!(!seen.contains(hop), "{hop} reached the program: {seen}");
+    }
+    for hop in ["x-hop", "keep-alive", "connection"] {
+        assert_eq!(r.header(hop), None, "{hop} reached the client");
+    }
     let r = srv.get("/pid");
     assert_eq!(r.status, 200, "{}", srv.diagnostics());
     let body = r.text();

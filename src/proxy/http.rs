@@ -43,6 +43,39 @@ pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
         })
 }
 
+/// RFC 9110 §7.6.1: what a proxy must not pass on, in either direction: the fields its
+/// `Connection` header names, `Connection` itself, and the fields known to be hop-by-hop
+/// (`Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`, `Upgrade`). hyper frames each
+/// side itself. For an upgrade (WebSocket) `Connection: upgrade` and `Upgrade` go through: the
+/// tunnel needs them.
+pub(crate) fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<http::HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| http::HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(name);
+            }
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for name in [header::TE, header::TRANSFER_ENCODING] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
 /// Forwards `req` to an idle command worker.
 pub async fn forward(
     shared: &Arc<Shared>,
@@ -70,6 +103,7 @@ pub async fn forward(
             .insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
     *req.version_mut() = http::Version::HTTP_11;
+    strip_hop_by_hop(req.headers_mut(), upgrade);
 
     if let Some(r) = record.as_mut() {
         r.queue_enter();
@@ -139,6 +173,10 @@ pub async fn forward(
     };
     let mut resp = resp;
     let status = resp.status();
+    strip_hop_by_hop(
+        resp.headers_mut(),
+        status == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_some(),
+    );
     shared.access.capture_response(&mut record, resp.headers());
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {

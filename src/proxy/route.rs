@@ -52,6 +52,7 @@ pub async fn forward(
             .insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
     *req.version_mut() = http::Version::HTTP_11;
+    super::http::strip_hop_by_hop(req.headers_mut(), upgrade);
 
     let bad_gateway = |what: String, record: Option<AccessRecord>| {
         tracing::error!(upstream = %addr, error = %what, "routed process unreachable: 502");
@@ -77,6 +78,10 @@ pub async fn forward(
         Err(e) => return bad_gateway(e.to_string(), record),
     };
     let status = resp.status();
+    super::http::strip_hop_by_hop(
+        resp.headers_mut(),
+        status == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_some(),
+    );
     shared.access.capture_response(&mut record, resp.headers());
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {

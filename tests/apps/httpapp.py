@@ -1,6 +1,7 @@
 """Fixture for `command` workers: a tiny HTTP/1.1 server (stdlib) on 127.0.0.1:<argv[1]>.
 
-GET /pid answers "command-app <pid>"; any other path answers "command-app".
+GET /pid answers "command-app <pid>"; GET /hop lists the request headers it got and sends
+hop-by-hop headers of its own; any other path answers "command-app".
 """
 
 import os
@@ -12,6 +13,19 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
+        if self.path == "/hop":
+            # The request headers it received, and hop-by-hop headers of its own.
+            body = "\n".join(sorted("%s: %s" % (k.lower(), v) for k, v in self.headers.items()))
+            body = body.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "keep-alive, X-Hop")
+            self.send_header("X-Hop", "for the proxy only")
+            self.send_header("Keep-Alive", "timeout=99")
+            self.end_headers()
+            self.wfile.write(body)
+            return
         body = ("command-app %d" % os.getpid() if self.path == "/pid" else "command-app").encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
