@@ -35,12 +35,11 @@ async fn connect(addr: &WorkerAddr) -> Result<HttpConn, BoxError> {
 
 pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.headers().contains_key(header::UPGRADE)
-        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| crate::worker::protocol::has_token(v.as_bytes(), "upgrade"))
 }
 
 /// RFC 9110 §7.6.1: what a proxy must not pass on, in either direction: the fields its

@@ -380,8 +380,12 @@ fn respond(
         conn,
         chunks,
         timeout,
-        Queue { tx, budget },
-        declared,
+        Queue {
+            tx,
+            budget,
+            declared,
+            pid,
+        },
     ));
     *resp.body_mut() = ProxyBody::Wire(Box::new(WireBody {
         shared: shared.clone(),
@@ -400,9 +404,9 @@ const SHORT_BODY: &str = "the application sent less than its Content-Length";
 
 /// The Content-Length the app declared for a body the client will read (not for HEAD, 1xx, 204,
 /// 304), and how much of it is still to come. Bytes past it are dropped (as gunicorn does); a
-/// body that ends short ends the client's response with an error, so hyper cuts the connection
-/// instead of letting the client take the next response for the rest of this one. Either is an
-/// application bug, logged as a warning.
+/// body that ends short closes the client connection after what there is (buffered:
+/// `Connection: close`; streamed: the body ends in an error), instead of letting the client take
+/// the next response for the rest of this one. Either is an application bug, logged as a warning.
 struct Declared {
     remaining: Option<u64>,
     warned: bool,
@@ -414,15 +418,16 @@ impl Declared {
             remaining: None,
             warned: false,
         };
-        let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
-        let (Some(first), second) = (values.next(), values.next()) else {
+        let values = headers.get_all(http::header::CONTENT_LENGTH);
+        let Some(first) = values.iter().next() else {
             return none;
         };
         let parsed = std::str::from_utf8(first.as_bytes())
             .ok()
             .filter(|v| !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit()))
             .and_then(|v| v.parse::<u64>().ok());
-        let consistent = second.is_none_or(|s| s == first);
+        let repeated = values.iter().count() > 1;
+        let consistent = values.iter().all(|v| v == first);
         let Some(n) = parsed.filter(|_| consistent) else {
             // Not a length a client could rely on: drop it (the response is then framed by
             // its real length, or chunked).
@@ -433,7 +438,7 @@ impl Declared {
             headers.remove(http::header::CONTENT_LENGTH);
             return none;
         };
-        if second.is_some() {
+        if repeated {
             headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n));
         }
         if head_request
@@ -563,15 +568,22 @@ const STREAM_BUFFER_BYTES: usize = 4 << 20;
 
 type Chunk = Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), String>;
 
-/// The pump's end of a streamed response's queue: unbounded channel, bounded by a byte budget.
+/// The pump's end of a streamed response's queue: unbounded channel, bounded by a byte budget;
+/// what goes in is held to the app's declared length.
 struct Queue {
     tx: tokio::sync::mpsc::UnboundedSender<Chunk>,
     budget: Arc<tokio::sync::Semaphore>,
+    declared: Declared,
+    pid: u32,
 }
 
 impl Queue {
-    /// Queues a chunk, waiting while the budget is spent; false once the client is gone.
-    async fn send(&self, b: Bytes) -> bool {
+    /// Queues the part of a chunk within the declared length, waiting while the budget is spent;
+    /// false once the client is gone.
+    async fn send(&mut self, b: Bytes) -> bool {
+        let Some(b) = self.declared.cut(b, self.pid) else {
+            return true;
+        };
         let n = (b.len().min(STREAM_BUFFER_BYTES)) as u32;
         let Ok(permit) = self.budget.clone().acquire_many_owned(n).await else {
             return false;
@@ -590,15 +602,10 @@ async fn pump(
     mut conn: WireConn,
     pending: VecDeque<Bytes>,
     timeout: std::time::Duration,
-    tx: Queue,
-    mut declared: Declared,
+    mut tx: Queue,
 ) {
     let mut client_gone = false;
-    let pid = slot.worker.pid();
     for b in pending {
-        let Some(b) = declared.cut(b, pid) else {
-            continue;
-        };
         if !client_gone && !tx.send(b).await {
             client_gone = true;
         }
@@ -606,15 +613,13 @@ async fn pump(
     loop {
         match tokio::time::timeout(timeout, conn.next_frame()).await {
             Ok(Ok(Frame::Body(b))) => {
-                let Some(b) = declared.cut(b, pid) else {
-                    continue;
-                };
                 if !client_gone && !tx.send(b).await {
                     client_gone = true;
                 }
             }
             Ok(Ok(Frame::End)) => {
-                if declared.short(pid) {
+                // (Once the client is gone the queue no longer counts what the app sent.)
+                if !client_gone && tx.declared.short(tx.pid) {
                     tx.fail(SHORT_BODY);
                 }
                 flush_then_finish(&shared, slot, conn, timeout).await;

@@ -78,9 +78,9 @@ _PEER_GONE = frozenset(getattr(errno, name) for name in (
 
 # PEP 3333: "applications and middleware are forbidden from using HTTP/1.1 hop-by-hop features or
 # headers" (same list as wsgiref.util.is_hop_by_hop).  As gunicorn does, such a header is dropped
-# rather than failing the request (apps that ran under gunicorn send them), except that
-# "Connection: close" is passed on: the master then closes the client connection after this
-# response.
+# rather than failing the request (apps that ran under gunicorn send them), except Connection,
+# which goes to the master: it keeps only a "close" option (closing the client connection after
+# this response).
 _HOP_BY_HOP = frozenset(('connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization',
                          'te', 'trailers', 'transfer-encoding', 'upgrade'))
 
@@ -548,9 +548,7 @@ class _Handler:
                 if type(h) is not tuple or len(h) != 2:
                     raise TypeError
                 name = h[0].lower()
-                if name in _HOP_BY_HOP:
-                    if name == 'connection' and 'close' in h[1].lower():
-                        fields += ('Connection', 'close')
+                if name in _HOP_BY_HOP and name != 'connection':
                     continue
                 if name == 'content-length':
                     value = h[1]

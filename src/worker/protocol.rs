@@ -313,10 +313,12 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name.as_str() == "trailers"
 }
 
-fn has_close_token(value: &[u8]) -> bool {
+/// Whether a comma-separated header value (`Connection: keep-alive, Upgrade`) lists `token`,
+/// case-insensitively.
+pub fn has_token(value: &[u8], token: &str) -> bool {
     value
         .split(|&c| c == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Status and headers of an `S` frame.
@@ -342,9 +344,9 @@ pub fn parse_start(
         let name = HeaderName::from_bytes(name)
             .map_err(|_| ProtocolError("invalid header name".into()))?;
         if is_hop_by_hop(&name) {
-            // The worker passes only `Connection: close` (hyper then closes the client
-            // connection after this response); anything else of the kind is dropped.
-            if name == header::CONNECTION && has_close_token(value) {
+            // Of the app's Connection header only a `close` option is kept (hyper then closes
+            // the client connection after this response); the rest of the kind is dropped.
+            if name == header::CONNECTION && has_token(value, "close") {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             continue;
