@@ -9,13 +9,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Uri, Version};
-use tokio::net::UnixStream;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::Shared;
 use crate::event::Event;
 use crate::worker::protocol::{self, Frame, RequestFacts, ServerInfo};
-use crate::worker::{Conn, Slot, WireConn, WorkerAddr};
+use crate::worker::{Conn, Slot, WorkerAddr};
 
 /// Probes one worker through `slot`; reports `HealthResult` (within `timeout`) and `ProbeFinished`
 /// (when the slot is back, or gone).
@@ -78,21 +77,21 @@ async fn exchange(mut slot: Slot, path: Option<String>) -> (Slot, Result<(), Str
 
 async fn exchange_on(slot: &mut Slot, path: Option<&str>) -> Result<(), String> {
     match slot.worker.addr.clone() {
-        WorkerAddr::Unix(sock) => {
-            let mut conn = match slot.conn.take() {
-                Some(Conn::Wire(c)) => c,
-                _ => WireConn::new(
-                    UnixStream::connect(&sock)
-                        .await
-                        .map_err(|e| format!("connect: {e}"))?,
-                ),
+        WorkerAddr::Unix(_) => {
+            let own = match slot.conn.take() {
+                Some(Conn::Wire(c)) => Some(c),
+                _ => None,
             };
+            let mut conn = slot
+                .worker
+                .wire_conn(own)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
             match path {
                 None => {
-                    conn.out
-                        .push_back(Bytes::copy_from_slice(&protocol::ping_frame()));
+                    conn.begin(Bytes::copy_from_slice(&protocol::ping_frame()), []);
                     match conn.next_frame().await {
-                        Ok(Frame::Pong) => {}
+                        Ok(Frame::Pong) => conn.done(),
                         Ok(f) => return Err(format!("unexpected answer to ping: {f:?}")),
                         Err(e) => return Err(e.to_string()),
                     }
@@ -120,7 +119,7 @@ async fn exchange_on(slot: &mut Slot, path: Option<&str>) -> Result<(), String> 
                     };
                     let mut frame = Vec::with_capacity(128);
                     protocol::encode_request(&mut frame, &facts).map_err(|e| format!("{e:?}"))?;
-                    conn.out.push_back(Bytes::from(frame));
+                    conn.begin(Bytes::from(frame), []);
                     let mut status = None;
                     loop {
                         match conn.next_frame().await.map_err(|e| e.to_string())? {
@@ -135,6 +134,7 @@ async fn exchange_on(slot: &mut Slot, path: Option<&str>) -> Result<(), String> 
                         }
                     }
                     let st = status.ok_or("no status")?;
+                    conn.done();
                     if !(st.is_success() || st.is_redirection()) {
                         slot.conn = Some(Conn::Wire(conn));
                         return Err(format!("status {st}"));

@@ -5,14 +5,12 @@
 //! as one buffer and the slot goes back at once; otherwise the body streams frame by frame.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::{Response, StatusCode};
 use http_body::Frame as BodyFrame;
-use tokio::net::UnixStream;
 use tokio::time::Instant;
 
 use super::body::{BoxError, ProxyBody};
@@ -21,98 +19,9 @@ use super::{error_response, Shared};
 use crate::event::Event;
 use crate::logging::AccessRecord;
 use crate::worker::protocol::{self, Frame};
-use crate::worker::{Conn, Slot, WireConn, WorkerAddr};
+use crate::worker::{Conn, Slot, WireConn};
 
-/// Why an exchange with a worker failed.
-#[derive(Debug)]
-pub enum WireError {
-    Io(io::Error),
-    Eof,
-    Protocol(String),
-}
-
-impl std::fmt::Display for WireError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WireError::Io(e) => write!(f, "i/o error: {e}"),
-            WireError::Eof => write!(f, "the worker closed the connection mid-request"),
-            WireError::Protocol(m) => write!(f, "protocol error: {m}"),
-        }
-    }
-}
-
-impl std::error::Error for WireError {}
-
-impl WireConn {
-    /// Writes whatever request bytes are still pending.
-    fn poll_flush_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.out.is_empty() {
-            ready!(self.stream.poll_write_ready(cx))?;
-            let mut iov = [IoSlice::new(&[]); 32];
-            let n = self.out.len().min(iov.len());
-            for (slot, b) in iov.iter_mut().zip(self.out.iter()) {
-                *slot = IoSlice::new(b);
-            }
-            match self.stream.try_write_vectored(&iov[..n]) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(mut written) => {
-                    while written > 0 {
-                        let front = self.out.front_mut().expect("written <= pending");
-                        if written >= front.len() {
-                            written -= front.len();
-                            self.out.pop_front();
-                        } else {
-                            front.advance(written);
-                            written = 0;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    /// Makes progress on both directions and returns the next frame from the worker.
-    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, WireError>> {
-        loop {
-            if !self.out.is_empty() {
-                if let Poll::Ready(Err(e)) = self.poll_flush_out(cx) {
-                    return Poll::Ready(Err(WireError::Io(e)));
-                }
-            }
-            if let Some(f) =
-                protocol::take_frame(&mut self.buf).map_err(|e| WireError::Protocol(e.0))?
-            {
-                return Poll::Ready(Ok(f));
-            }
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(32 * 1024);
-            }
-            ready!(self.stream.poll_read_ready(cx)).map_err(WireError::Io)?;
-            match self.stream.try_read_buf(&mut self.buf) {
-                Ok(0) => return Poll::Ready(Err(WireError::Eof)),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(WireError::Io(e))),
-            }
-        }
-    }
-
-    /// The next frame from the worker (writing pending request bytes meanwhile).
-    pub async fn next_frame(&mut self) -> Result<Frame, WireError> {
-        std::future::poll_fn(|cx| self.poll_frame(cx)).await
-    }
-}
-
-/// Opens a connection to a bundled worker.
-async fn connect(addr: &WorkerAddr) -> io::Result<WireConn> {
-    match addr {
-        WorkerAddr::Unix(p) => Ok(WireConn::new(UnixStream::connect(p).await?)),
-        WorkerAddr::Tcp(_) => Err(io::Error::other("not a bundled worker")),
-    }
-}
+pub use crate::worker::lane::WireError;
 
 /// Takes an idle slot with an open connection to its worker (connecting on first use).
 async fn take_connected(
@@ -132,25 +41,24 @@ async fn take_connected(
             r.queue_leave();
         }
         let mut hold = SlotHold::new(&shared.pool, slot);
-        match hold.get().conn.take() {
-            Some(Conn::Wire(c)) => return Ok((hold.take(), c)),
-            _ => {
-                let addr = hold.get().worker.addr.clone();
-                match connect(&addr).await {
-                    Ok(c) => return Ok((hold.take(), c)),
-                    Err(e) => {
-                        // Nothing was sent: safe to try another worker.
-                        let slot = hold.take();
-                        slot.worker.report(Event::WorkerMisbehaved {
-                            id: slot.worker.id,
-                            what: format!("connect failed: {e}"),
-                        });
-                        drop(slot);
-                        attempts += 1;
-                        if attempts >= 3 {
-                            return Err(StatusCode::BAD_GATEWAY);
-                        }
-                    }
+        let own = match hold.get().conn.take() {
+            Some(Conn::Wire(c)) => Some(c),
+            _ => None,
+        };
+        let worker = hold.get().worker.clone();
+        match worker.wire_conn(own).await {
+            Ok(c) => return Ok((hold.take(), c)),
+            Err(e) => {
+                // Nothing was sent: safe to try another worker.
+                let slot = hold.take();
+                slot.worker.report(Event::WorkerMisbehaved {
+                    id: slot.worker.id,
+                    what: format!("connect failed: {e}"),
+                });
+                drop(slot);
+                attempts += 1;
+                if attempts >= 3 {
+                    return Err(StatusCode::BAD_GATEWAY);
                 }
             }
         }
@@ -179,14 +87,13 @@ pub async fn forward(
         let (request, body) = message
             .take()
             .expect("kept for every attempt that may follow");
-        // Sent ahead to a busy worker: it waits in the worker's socket behind another request.
-        let queued_behind = slot.worker.busy() > 1;
-        let may_resend = queued_behind && idempotent && !resent;
+        let may_resend = idempotent && !resent && slot.worker.is_pipelined();
         if may_resend {
             message = Some((request.clone(), body.clone()));
         }
-        conn.out.push_back(request);
-        conn.out.extend(body);
+        // Sent ahead to a busy worker: it waits in the worker's socket behind another request.
+        let queued_behind = conn.begin(request, body);
+        let may_resend = may_resend && queued_behind;
         if slot.worker.is_pipelined() {
             // Its service time decides whether it may be sent requests ahead.
             slot.sent_at = Some(std::time::Instant::now());
@@ -197,7 +104,7 @@ pub async fn forward(
             conn,
             record,
             timeout,
-            may_resend,
+            (may_resend, queued_behind),
             head_request,
         )
         .await
@@ -225,7 +132,7 @@ async fn exchange(
     conn: WireConn,
     record: Option<AccessRecord>,
     timeout: Option<std::time::Duration>,
-    may_resend: bool,
+    (may_resend, queued_behind): (bool, bool),
     head_request: bool,
 ) -> Exchange {
     let timeout = timeout.unwrap_or(slot.worker.timeout);
@@ -237,6 +144,12 @@ async fn exchange(
         shared,
         parts: Some((slot, conn)),
     };
+    if queued_behind {
+        // The worker is busy: let the other requests of this scheduler tick queue theirs, so
+        // that they all go out in one write and the worker reads them with one recv. (After the
+        // guard: a request dropped here must not leave its ticket behind.)
+        tokio::task::yield_now().await;
+    }
     let head = {
         let (_, conn) = inflight.parts.as_mut().expect("parts present");
         tokio::time::timeout_at(deadline, conn.next_frame()).await
@@ -305,9 +218,9 @@ fn respond(
     // Take whatever is already buffered: often the whole body and the end frame.
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
     loop {
-        match protocol::take_frame(&mut conn.buf) {
+        match conn.take_buffered() {
             Ok(Some(Frame::Body(b))) => chunks.push_back(b),
-            Ok(Some(Frame::End)) if conn.out.is_empty() => {
+            Ok(Some(Frame::End)) if conn.request_sent() => {
                 let body = match chunks.len() {
                     0 => None,
                     1 => chunks.pop_front(),
@@ -341,12 +254,7 @@ fn respond(
             Ok(Some(Frame::End)) => {
                 // The app answered before reading the whole request body; the rest is still being
                 // written. Stream so the write can finish.
-                conn.buf = {
-                    let mut b = BytesMut::with_capacity(5 + conn.buf.len());
-                    b.extend_from_slice(b"E\0\0\0\0");
-                    b.extend_from_slice(&conn.buf);
-                    b
-                };
+                conn.unread_end();
                 break;
             }
             Ok(Some(Frame::Abort(why))) => {
@@ -505,7 +413,8 @@ impl Drop for InFlight<'_> {
 }
 
 /// The exchange ended cleanly: count it, give the slot (with its connection) back.
-fn finish(shared: &Shared, mut slot: Slot, conn: WireConn) {
+fn finish(shared: &Shared, mut slot: Slot, mut conn: WireConn) {
+    conn.done();
     if let Some(t) = slot.sent_at.take() {
         slot.worker.record_service(t.elapsed());
     }
@@ -759,9 +668,12 @@ async fn flush_then_finish(
     mut conn: WireConn,
     timeout: std::time::Duration,
 ) {
-    if !conn.out.is_empty() {
-        let r =
-            tokio::time::timeout(timeout, std::future::poll_fn(|cx| conn.poll_flush_out(cx))).await;
+    if !conn.request_sent() {
+        let r = tokio::time::timeout(
+            timeout,
+            std::future::poll_fn(|cx| conn.poll_flush_request(cx)),
+        )
+        .await;
         if !matches!(r, Ok(Ok(()))) {
             slot.worker.report(Event::WorkerMisbehaved {
                 id: slot.worker.id,

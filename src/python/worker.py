@@ -306,67 +306,6 @@ class _Handler:
             conn.settimeout(None)  # blocking even if the app set socket.setdefaulttimeout()
             self.serve(conn)
 
-    def multiplex_loop(self, lsock):
-        """Single-threaded pipelining (``GTE_CONNECTIONS`` > 1 with one thread): keep several
-        master connections open and serve, one request at a time, whichever has a request
-        waiting.  The master sends a request on a second connection while the first is still in
-        progress only when no worker is idle and this one has been fast (see pool.rs), so the next
-        request is already in the socket when the current one ends: no idle wake-up between
-        them.  The protocol per connection is unchanged (one exchange at a time)."""
-        import select as _select
-        poller = _select.epoll()
-        lsock.setblocking(False)
-        lfd = lsock.fileno()
-        poller.register(lfd, _select.EPOLLIN)
-        poll = poller.poll
-        conns = {}  # fd -> (socket, rfile, sendall)
-        state = _state
-        one_frame = self.one_frame
-        try:
-            while not state.stopping:
-                try:
-                    events = poll(1.0)
-                except InterruptedError:
-                    continue
-                if not events:
-                    if os.getppid() != state.ppid:
-                        _master_gone()
-                    continue
-                for fd, _ in events:
-                    if fd == lfd:
-                        try:
-                            conn, _ = lsock.accept()
-                        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                            continue
-                        except OSError as exc:
-                            _log('accept() failed: %s' % exc)
-                            time.sleep(0.5)
-                            continue
-                        conn.setblocking(True)
-                        conns[conn.fileno()] = (conn, conn.makefile('rb', buffering=_READ_BLOCK),
-                                                conn.sendall)
-                        poller.register(conn.fileno(), _select.EPOLLIN)
-                        continue
-                    conn, rfile, sendall = conns[fd]
-                    self.sock = conn
-                    self.sendall = sendall
-                    self.dead = False
-                    try:
-                        keep = one_frame(rfile)
-                    except OSError:
-                        keep = False
-                    finally:
-                        self.busy = False
-                    if not keep:
-                        poller.unregister(fd)
-                        del conns[fd]
-                        _close_conn(conn, rfile)
-                    if state.stopping:
-                        return
-        finally:
-            self.sock = self.sendall = None
-            poller.close()
-
     def serve(self, conn):
         """Serve the requests arriving on one master connection until EOF, a connection error,
         a protocol error, or a stop request.  Always closes the connection."""
@@ -723,7 +662,6 @@ class _state:
     ppid = 0           # the master's pid, to notice it dying
     handlers = ()      # the _Handler of every request thread (their .busy flags)
     wake = None        # threading.Event waking the main thread (GTE_THREADS > 1)
-    multiplex = False  # one thread serving several connections (GTE_CONNECTIONS > 1)
 
 
 def _exit_graceful(code=0):
@@ -769,10 +707,7 @@ def _on_fast_exit(signum, frame):
 def _run_request_loop(handler, lsock):
     """Body of a request thread (or of the main thread when GTE_THREADS=1)."""
     try:
-        if _state.multiplex:
-            handler.multiplex_loop(lsock)
-        else:
-            handler.accept_loop(lsock)
+        handler.accept_loop(lsock)
     except SystemExit as exc:  # sys.exit() called by the application
         code = exc.code
         if code is None:
@@ -939,7 +874,6 @@ def _serve(app, lsock, threads):
 
     if threads == 1:
         # The main thread serves; the accept timeout lets it notice a dead master when idle.
-        _state.multiplex = int(os.environ.get('GTE_CONNECTIONS') or '1') > 1
         lsock.settimeout(1.0)
         _run_request_loop(handlers[0], lsock)
         _exit_graceful(0)  # only returns on SIGTERM after the request in progress finished

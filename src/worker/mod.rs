@@ -6,6 +6,7 @@
 //! `connections`). Each [`Slot`] carries its own connection to the worker, so the proxy never
 //! waits on the master: it takes an idle slot, uses its connection, and gives it back.
 
+pub mod lane;
 pub mod protocol;
 pub mod spawn;
 pub mod warm;
@@ -16,11 +17,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::net::UnixStream;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::event::Event;
+pub use lane::{Lane, WireConn};
 
 /// Worker ids count up from 1 for the life of the master; they are never reused.
 pub type WorkerId = u64;
@@ -59,6 +59,12 @@ pub struct WorkerInfo {
     /// Single-threaded with more slots than threads: a busy worker gets a request ahead only
     /// when it is fast (see the pool).
     pipelined: bool,
+    /// A pipelined worker's one connection, shared in order by its slots (see [`lane`]). Weak:
+    /// the slots hold it, so it closes when the last slot is gone (a worker told to stop sees
+    /// EOF, as with a connection per slot).
+    lane: std::sync::Mutex<std::sync::Weak<Lane>>,
+    /// Held while that connection is being opened, so a worker never gets two.
+    connecting: tokio::sync::Mutex<()>,
     events: UnboundedSender<Event>,
 }
 
@@ -83,6 +89,8 @@ impl WorkerInfo {
             busy: AtomicUsize::new(0),
             service_ewma_ns: AtomicU64::new(u64::MAX),
             pipelined: false,
+            lane: std::sync::Mutex::new(std::sync::Weak::new()),
+            connecting: tokio::sync::Mutex::new(()),
             events,
         }
     }
@@ -118,6 +126,42 @@ impl WorkerInfo {
                 sent_at: None,
             })
             .collect()
+    }
+
+    /// A connection for a request or probe on `slot`'s worker: the slot's own, or for a
+    /// pipelined worker the one lane all its slots share, opened on first use (and again after
+    /// it broke).
+    pub async fn wire_conn(&self, own: Option<WireConn>) -> std::io::Result<WireConn> {
+        if let Some(c) = own {
+            if !c.lane().is_broken() {
+                return Ok(c);
+            }
+        }
+        let WorkerAddr::Unix(path) = &self.addr else {
+            return Err(std::io::Error::other("not a bundled worker"));
+        };
+        if !self.pipelined {
+            return Ok(WireConn::new(Lane::new(
+                tokio::net::UnixStream::connect(path).await?,
+            )));
+        }
+        let shared = |w: &WorkerInfo| {
+            w.lane
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .upgrade()
+                .filter(|l| !l.is_broken())
+        };
+        if let Some(l) = shared(self) {
+            return Ok(WireConn::new(l));
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(l) = shared(self) {
+            return Ok(WireConn::new(l));
+        }
+        let lane = Lane::new(tokio::net::UnixStream::connect(path).await?);
+        *self.lane.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(&lane);
+        Ok(WireConn::new(lane))
     }
 
     /// Marks the worker as retiring. Returns true when no slot is left (it is already drained).
@@ -162,24 +206,6 @@ impl WorkerInfo {
     /// Tells the master something went wrong with this worker.
     pub fn report(&self, event: Event) {
         let _ = self.events.send(event);
-    }
-}
-
-/// A connection to the bundled worker, with its read buffer and any request bytes not yet written.
-#[derive(Debug)]
-pub struct WireConn {
-    pub stream: UnixStream,
-    pub buf: BytesMut,
-    pub out: std::collections::VecDeque<Bytes>,
-}
-
-impl WireConn {
-    pub fn new(stream: UnixStream) -> Self {
-        WireConn {
-            stream,
-            buf: BytesMut::with_capacity(16 * 1024),
-            out: std::collections::VecDeque::new(),
-        }
     }
 }
 

@@ -173,10 +173,6 @@ pub(crate) fn bundled_worker_command(
         .env("GTE_APP", format!("{module}:{callable}"))
         .env("GTE_STATUS_FD", "3")
         .env("GTE_THREADS", cfg.workers.threads.to_string())
-        .env(
-            "GTE_CONNECTIONS",
-            cfg.workers.slots_per_worker(&cfg.app.kind).to_string(),
-        )
         .env("GTE_CHDIR", &cfg.app.chdir);
     c
 }

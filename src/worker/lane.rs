@@ -1,0 +1,387 @@
+//! A connection to a bundled worker and the requests that share it, in order.
+//!
+//! A single-threaded worker with `pipeline` > 1 serves its requests one after the other from
+//! **one** connection (a [`Lane`]): the requests sent ahead wait in that socket, the worker reads
+//! them with one `recv` when they arrived together and needs no `epoll` between requests, and
+//! the master writes requests that are sent ahead in the same scheduler tick with one `writev`.
+//! Responses come back in the order the requests went out, so each request holds a *ticket*:
+//! only the ticket at the head reads frames; when its response ends ([`WireConn::done`]) the
+//! next ticket is woken. A thread of a threaded worker still has a lane of its own per slot.
+//!
+//! A request that leaves mid-exchange without `done` (a timeout, a protocol error) breaks the
+//! lane: its socket is closed at once (so the worker sees EOF and its accept loop takes the next
+//! connection), and every other ticket on it gets an error — as each would have had on its own
+//! connection to a worker that is being replaced.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::net::UnixStream;
+
+use super::protocol::{self, Frame, ProtocolError};
+
+/// Why an exchange with a worker failed.
+#[derive(Debug)]
+pub enum WireError {
+    Io(io::Error),
+    Eof,
+    Protocol(String),
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WireError::Io(e) => write!(f, "i/o error: {e}"),
+            WireError::Eof => write!(f, "the worker closed the connection mid-request"),
+            WireError::Protocol(m) => write!(f, "protocol error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for WireError {}
+
+struct State {
+    /// None once the lane is broken (the socket is closed then).
+    stream: Option<UnixStream>,
+    buf: BytesMut,
+    out: VecDeque<Bytes>,
+    /// Bytes ever queued in `out` / ever written: a request's bytes are out once `written`
+    /// reaches the offset its ticket recorded.
+    queued: u64,
+    written: u64,
+    /// The next ticket to hand out, and the ticket whose response is being read.
+    next: u64,
+    head: u64,
+    /// Wakers of the tickets behind the head (index 0 = ticket `head + 1`).
+    waiting: VecDeque<Option<Waker>>,
+    broken: Option<String>,
+}
+
+impl State {
+    /// Writes pending request bytes until `until` bytes in total are out (or all are).
+    fn flush(&mut self, cx: &mut Context<'_>, until: u64) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() && self.written < until {
+            let Some(stream) = self.stream.as_ref() else {
+                return Poll::Ready(Err(io::Error::other("the connection is closed")));
+            };
+            ready!(stream.poll_write_ready(cx))?;
+            let mut iov = [IoSlice::new(&[]); 64];
+            let n = self.out.len().min(iov.len());
+            for (slot, b) in iov.iter_mut().zip(self.out.iter()) {
+                *slot = IoSlice::new(b);
+            }
+            match stream.try_write_vectored(&iov[..n]) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(mut n) => {
+                    self.written += n as u64;
+                    while n > 0 {
+                        let front = self.out.front_mut().expect("written <= pending");
+                        if n >= front.len() {
+                            n -= front.len();
+                            self.out.pop_front();
+                        } else {
+                            front.advance(n);
+                            n = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Closes the socket and fails every ticket.
+    fn break_with(&mut self, why: &str) {
+        if self.broken.is_none() {
+            self.broken = Some(why.to_string());
+        }
+        self.stream = None;
+        self.out.clear();
+        self.buf.clear();
+        for w in self.waiting.drain(..).flatten() {
+            w.wake();
+        }
+    }
+
+    fn broken_error(&self) -> Option<WireError> {
+        self.broken
+            .as_ref()
+            .map(|why| WireError::Io(io::Error::new(io::ErrorKind::BrokenPipe, why.clone())))
+    }
+}
+
+/// One connection to a bundled worker, shared in order by the requests sent on it.
+pub struct Lane {
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.lock();
+        f.debug_struct("Lane")
+            .field("head", &st.head)
+            .field("next", &st.next)
+            .field("broken", &st.broken)
+            .finish()
+    }
+}
+
+impl Lane {
+    pub fn new(stream: UnixStream) -> Arc<Lane> {
+        Arc::new(Lane {
+            state: Mutex::new(State {
+                stream: Some(stream),
+                buf: BytesMut::with_capacity(16 * 1024),
+                out: VecDeque::new(),
+                queued: 0,
+                written: 0,
+                next: 0,
+                head: 0,
+                waiting: VecDeque::new(),
+                broken: None,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent before anything that could panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lane broke: no new request may be sent on it.
+    pub fn is_broken(&self) -> bool {
+        self.lock().broken.is_some()
+    }
+}
+
+/// A request's use of a lane (or, between requests, a slot's hold on it).
+#[derive(Debug)]
+pub struct WireConn {
+    lane: Arc<Lane>,
+    /// The request in progress: its ticket and the offset where its bytes end.
+    ticket: Option<(u64, u64)>,
+}
+
+impl WireConn {
+    pub fn new(lane: Arc<Lane>) -> Self {
+        WireConn { lane, ticket: None }
+    }
+
+    pub fn lane(&self) -> &Arc<Lane> {
+        &self.lane
+    }
+
+    /// Queues a request's bytes on the lane and takes the next ticket. Returns true when the
+    /// request waits behind others (its bytes may then go out with theirs).
+    pub fn begin(&mut self, head: Bytes, body: impl IntoIterator<Item = Bytes>) -> bool {
+        debug_assert!(self.ticket.is_none(), "one request at a time per handle");
+        let mut st = self.lane.lock();
+        let t = st.next;
+        st.next += 1;
+        st.queued += head.len() as u64;
+        st.out.push_back(head);
+        for b in body {
+            st.queued += b.len() as u64;
+            st.out.push_back(b);
+        }
+        let end = st.queued;
+        let behind = t != st.head;
+        if behind && st.broken.is_none() {
+            st.waiting.push_back(None);
+        }
+        self.ticket = Some((t, end));
+        behind
+    }
+
+    /// Makes progress on both directions and returns the next frame of this request's response.
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, WireError>> {
+        let (t, _) = self.ticket.expect("poll_frame without a request");
+        let mut st = self.lane.lock();
+        loop {
+            if let Some(e) = st.broken_error() {
+                return Poll::Ready(Err(e));
+            }
+            if !st.out.is_empty() {
+                if let Poll::Ready(Err(e)) = st.flush(cx, u64::MAX) {
+                    st.break_with(&format!("write failed: {e}"));
+                    return Poll::Ready(Err(WireError::Io(e)));
+                }
+            }
+            if st.head != t {
+                let i = (t - st.head - 1) as usize;
+                st.waiting[i] = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            match protocol::take_frame(&mut st.buf) {
+                Ok(Some(f)) => return Poll::Ready(Ok(f)),
+                Ok(None) => {}
+                Err(e) => {
+                    st.break_with(&e.0);
+                    return Poll::Ready(Err(WireError::Protocol(e.0)));
+                }
+            }
+            if st.buf.capacity() - st.buf.len() < 4096 {
+                st.buf.reserve(32 * 1024);
+            }
+            let st = &mut *st;
+            let stream = st.stream.as_ref().expect("not broken");
+            ready!(stream.poll_read_ready(cx)).map_err(WireError::Io)?;
+            match stream.try_read_buf(&mut st.buf) {
+                Ok(0) => {
+                    st.break_with("the worker closed the connection");
+                    return Poll::Ready(Err(WireError::Eof));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    st.break_with(&format!("read failed: {e}"));
+                    return Poll::Ready(Err(WireError::Io(e)));
+                }
+            }
+        }
+    }
+
+    /// The next frame of this request's response (writing pending request bytes meanwhile).
+    pub async fn next_frame(&mut self) -> Result<Frame, WireError> {
+        std::future::poll_fn(|cx| self.poll_frame(cx)).await
+    }
+
+    /// A frame of this request's response that is already buffered (no read). Only for the head
+    /// ticket, i.e. after its first frame arrived.
+    pub fn take_buffered(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        let mut st = self.lane.lock();
+        if st.broken.is_some() {
+            return Ok(None);
+        }
+        protocol::take_frame(&mut st.buf)
+    }
+
+    /// Puts back an end frame just taken by [`take_buffered`](Self::take_buffered).
+    pub fn unread_end(&mut self) {
+        let mut st = self.lane.lock();
+        let mut b = BytesMut::with_capacity(protocol::FRAME_HEADER_LEN + st.buf.len());
+        b.extend_from_slice(b"E\0\0\0\0");
+        b.extend_from_slice(&st.buf);
+        st.buf = b;
+    }
+
+    /// Whether every byte of this request has been written to the worker.
+    pub fn request_sent(&self) -> bool {
+        let Some((_, end)) = self.ticket else {
+            return true;
+        };
+        self.lane.lock().written >= end
+    }
+
+    /// Writes until every byte of this request is out.
+    pub fn poll_flush_request(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some((_, end)) = self.ticket else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut st = self.lane.lock();
+        if let Some(WireError::Io(e)) = st.broken_error() {
+            return Poll::Ready(Err(e));
+        }
+        let r = ready!(st.flush(cx, end));
+        if let Err(e) = &r {
+            st.break_with(&format!("write failed: {e}"));
+        }
+        Poll::Ready(r)
+    }
+
+    /// This request's response has ended cleanly: the next ticket may read.
+    pub fn done(&mut self) {
+        let Some((t, _)) = self.ticket.take() else {
+            return;
+        };
+        let mut st = self.lane.lock();
+        if st.broken.is_some() || st.head != t {
+            return;
+        }
+        st.head += 1;
+        if let Some(Some(w)) = st.waiting.pop_front() {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for WireConn {
+    fn drop(&mut self) {
+        if self.ticket.is_some() {
+            // Left mid-exchange: where its response ends in the stream is unknown.
+            self.lane
+                .lock()
+                .break_with("a request left the connection mid-exchange");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![kind];
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[tokio::test]
+    async fn responses_go_to_tickets_in_order_and_requests_share_writes() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let lane = Lane::new(a);
+        let mut one = WireConn::new(lane.clone());
+        let mut two = WireConn::new(lane.clone());
+        assert!(!one.begin(Bytes::from_static(b"req1"), []));
+        assert!(two.begin(Bytes::from_static(b"req2"), [Bytes::from_static(b"+body")]));
+        // The second ticket waits (it is not the head) but still writes both requests.
+        let second = tokio::spawn(async move {
+            let f = two.next_frame().await.unwrap();
+            let end = two.next_frame().await.unwrap();
+            two.done();
+            (f, end)
+        });
+        let mut got = vec![0u8; 13];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"req1req2+body");
+        let mut answer = frame(b'S', b"first");
+        answer.extend(frame(b'E', b""));
+        answer.extend(frame(b'S', b"second"));
+        answer.extend(frame(b'E', b""));
+        b.write_all(&answer).await.unwrap();
+        assert!(matches!(one.next_frame().await.unwrap(), Frame::Start(s) if &s[..] == b"first"));
+        assert!(matches!(one.take_buffered().unwrap(), Some(Frame::End)));
+        assert!(one.request_sent());
+        one.done();
+        let (f, end) = second.await.unwrap();
+        assert!(matches!(f, Frame::Start(s) if &s[..] == b"second"));
+        assert!(matches!(end, Frame::End));
+        assert!(!lane.is_broken());
+    }
+
+    #[tokio::test]
+    async fn a_ticket_dropped_mid_exchange_breaks_the_lane_for_the_others() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let lane = Lane::new(a);
+        let mut one = WireConn::new(lane.clone());
+        let mut two = WireConn::new(lane.clone());
+        one.begin(Bytes::from_static(b"r1"), []);
+        two.begin(Bytes::from_static(b"r2"), []);
+        let waiter = tokio::spawn(async move { two.next_frame().await });
+        tokio::task::yield_now().await;
+        drop(one);
+        let r = waiter.await.unwrap();
+        assert!(matches!(r, Err(WireError::Io(_))), "{r:?}");
+        assert!(lane.is_broken());
+        // The socket was closed: the worker side sees EOF after what was written.
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).await.unwrap();
+    }
+}
