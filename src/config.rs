@@ -741,7 +741,7 @@ impl RawConfig {
         };
         let threads = int_in("threads", w.threads, 1, 1, 1024)? as usize;
         let connections = int_in("connections", w.connections, 1000, 1, 100_000)? as usize;
-        let pipeline = int_in("pipeline", w.pipeline, 3, 1, 8)? as usize;
+        let pipeline = int_in("pipeline", w.pipeline, 6, 1, 8)? as usize;
         let queue = int_in("queue", w.queue, 1024, 0, 1_000_000)? as usize;
         let max_requests = int_in("max_requests", w.max_requests, 0, 0, i64::MAX)? as u64;
         let max_requests_jitter =
