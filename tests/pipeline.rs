@@ -160,3 +160,86 @@ fn a_request_waiting_behind_a_crash_is_answered_by_another_worker() {
         |l| l.contains("sending that request to another worker"),
     );
 }
+
+/// One worker, its requests sent ahead on its one connection (`pipeline = 6`): streamed
+/// responses, buffered ones, bodies the app reads and bodies it answers without reading (larger
+/// than the socket buffer, so the rest is still being written when the answer comes) all share
+/// the connection, and every client gets its own answer, whole.
+#[test]
+fn mixed_requests_sent_ahead_on_one_connection_all_come_back_whole() {
+    let fx = start_standard("pipeline_mixed", |c| {
+        c.set("workers", "count", "1")
+            .set("workers", "pipeline", "6")
+    });
+    for _ in 0..20 {
+        assert_eq!(fx.srv.get("/pid").status, 200);
+    }
+    let big = fx.srv.get("/big").body;
+    assert_eq!(big.len(), 1 << 20);
+    let big = Arc::new(big);
+    let port = fx.port;
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut threads = Vec::new();
+    for t in 0..6u32 {
+        let errors = errors.clone();
+        let big = big.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut c = Http::connect(port);
+            let unread = vec![b'u'; 300 * 1024];
+            for i in 0..30u32 {
+                let (req, what) = match (t + i) % 4 {
+                    0 => {
+                        let body = format!("t{t} i{i} ").repeat((i % 5 + 1) as usize);
+                        (c.build("POST", "/echo", &[], body.as_bytes()), body)
+                    }
+                    1 => (c.build("POST", "/pid", &[], &unread), "pid".to_string()),
+                    2 => (c.build("GET", "/big?stream=1", &[], b""), "big".to_string()),
+                    _ => (
+                        c.build("GET", &format!("/gen?parts=3&size={}", 100 + i), &[], b""),
+                        "gen".to_string(),
+                    ),
+                };
+                let r = match c.try_send(&req).and_then(|_| c.read_response(false)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        errors.lock().unwrap().push(format!("{t}/{i} {what}: {e}"));
+                        c = Http::connect(port);
+                        continue;
+                    }
+                };
+                let ok = r.status == 200
+                    && match what.as_str() {
+                        "pid" => r.text().trim().parse::<u32>().is_ok(),
+                        "big" => r.body == *big,
+                        "gen" => {
+                            let n = 100 + i as usize;
+                            r.body.len() == 3 * n
+                                && r.body[..n].iter().all(|&b| b == b'a')
+                                && r.body[2 * n..].iter().all(|&b| b == b'c')
+                        }
+                        body => r.json().get("body").str() == Some(body),
+                    };
+                if !ok {
+                    errors.lock().unwrap().push(format!(
+                        "{t}/{i} {}: {} ({} bytes) {:?}",
+                        &what[..what.len().min(12)],
+                        r.status,
+                        r.body.len(),
+                        String::from_utf8_lossy(&r.body[..r.body.len().min(80)])
+                    ));
+                }
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} bad answers: {:?}\n{}",
+        errors.len(),
+        &errors[..errors.len().min(10)],
+        fx.srv.diagnostics()
+    );
+}

@@ -129,7 +129,12 @@ async fn exchange_on(slot: &mut Slot, path: Option<&str>) -> Result<(), String> 
                             }
                             Frame::Body(_) => {}
                             Frame::End => break,
-                            Frame::Abort(_) => return Err("the app failed while answering".into()),
+                            Frame::Abort(_) => {
+                                // The exchange ended (A ends it like E): the connection stays usable.
+                                conn.done();
+                                slot.conn = Some(Conn::Wire(conn));
+                                return Err("the app failed while answering".into());
+                            }
                             Frame::Pong => return Err("unexpected pong".into()),
                         }
                     }

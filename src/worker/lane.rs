@@ -57,6 +57,10 @@ struct State {
     head: u64,
     /// Wakers of the tickets behind the head (index 0 = ticket `head + 1`).
     waiting: VecDeque<Option<Waker>>,
+    /// Tasks waiting for the socket to take more bytes. tokio keeps one write waker per socket,
+    /// and any task may flush the shared queue, so whoever writes wakes them all: a task
+    /// waiting for its own request to be out must not sleep through another's flush.
+    write_waiters: Vec<Waker>,
     broken: Option<String>,
 }
 
@@ -67,7 +71,12 @@ impl State {
             let Some(stream) = self.stream.as_ref() else {
                 return Poll::Ready(Err(io::Error::other("the connection is closed")));
             };
-            ready!(stream.poll_write_ready(cx))?;
+            if stream.poll_write_ready(cx)?.is_pending() {
+                if !self.write_waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    self.write_waiters.push(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
             let mut iov = [IoSlice::new(&[]); 64];
             let n = self.out.len().min(iov.len());
             for (slot, b) in iov.iter_mut().zip(self.out.iter()) {
@@ -77,6 +86,9 @@ impl State {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(mut n) => {
                     self.written += n as u64;
+                    for w in self.write_waiters.drain(..) {
+                        w.wake();
+                    }
                     while n > 0 {
                         let front = self.out.front_mut().expect("written <= pending");
                         if n >= front.len() {
@@ -104,6 +116,9 @@ impl State {
         self.out.clear();
         self.buf.clear();
         for w in self.waiting.drain(..).flatten() {
+            w.wake();
+        }
+        for w in self.write_waiters.drain(..) {
             w.wake();
         }
     }
@@ -143,6 +158,7 @@ impl Lane {
                 next: 0,
                 head: 0,
                 waiting: VecDeque::new(),
+                write_waiters: Vec::new(),
                 broken: None,
             }),
         })
@@ -383,5 +399,36 @@ mod tests {
         // The socket was closed: the worker side sees EOF after what was written.
         let mut rest = Vec::new();
         b.read_to_end(&mut rest).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_task_waiting_for_its_request_to_be_written_wakes_when_another_flush_writes_it() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let lane = Lane::new(a);
+        let mut one = WireConn::new(lane.clone());
+        let mut two = WireConn::new(lane.clone());
+        // Far more than the socket buffer: the first flush stops part way.
+        let big = Bytes::from(vec![b'x'; 4 << 20]);
+        one.begin(big, []);
+        let first = tokio::spawn(async move {
+            std::future::poll_fn(|cx| one.poll_flush_request(cx))
+                .await
+                .unwrap();
+            one
+        });
+        tokio::task::yield_now().await;
+        // The second request's task now holds tokio's one write registration of the socket.
+        two.begin(Bytes::from_static(b"second"), []);
+        let second = tokio::spawn(async move { two.next_frame().await });
+        tokio::task::yield_now().await;
+        let mut got = vec![0u8; (4 << 20) + 6];
+        b.read_exact(&mut got).await.unwrap();
+        let one = tokio::time::timeout(std::time::Duration::from_secs(10), first)
+            .await
+            .expect("the first task slept through the flush that wrote its request")
+            .unwrap();
+        assert!(one.request_sent());
+        second.abort();
+        std::mem::forget(one); // its ticket is still open: dropping it would break the lane
     }
 }
