@@ -185,3 +185,62 @@ fn hundreds_of_idle_clients_fit_under_a_systemd_soft_fd_limit() {
         assert_eq!(h.request("GET", "/", &[], b"").status, 200);
     }
 }
+
+/// A client that closes its connection while its request waits in the queue for a worker does
+/// not get that request run: when a worker frees up, the master sees the end of file in the
+/// client's socket, logs 499 (nginx's "client closed request") and gives the worker to the next
+/// request. Otherwise every request of a client that timed out under overload would still
+/// cost a worker its full service time.
+#[test]
+fn a_request_whose_client_left_while_queued_is_not_run() {
+    let fx = start_standard("queued_client_left", |c| {
+        c.set("workers", "count", "1")
+            .set("workers", "pipeline", "1")
+    });
+    let busy = fx.dir.join("busy");
+    let abandoned = fx.dir.join("abandoned");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::create_dir_all(&abandoned).unwrap();
+    let block = |d: &std::path::Path| format!("/block?dir={}", pct(d.to_str().unwrap()));
+    let mut first = fx.srv.connect();
+    first.send(&first.build("GET", &block(&busy), &[], b""));
+    wait_until(
+        "the first request to be inside the app",
+        Duration::from_secs(15),
+        || busy.join("started").exists().then_some(()),
+    );
+    // The only worker is busy: this one waits in the queue.
+    let mut second = fx.srv.connect();
+    second.send(&second.build("GET", &block(&abandoned), &[], b""));
+    let cfg = fx.srv.config.to_str().unwrap().to_owned();
+    wait_until(
+        "the second request to be queued",
+        Duration::from_secs(15),
+        || {
+            let out = run_bin(&fx.dir, &["status", "-c", &cfg], Duration::from_secs(20));
+            out.stdout.contains("queued requests 1").then_some(())
+        },
+    );
+    drop(second);
+    std::fs::write(busy.join("release"), b"").unwrap();
+    let r = first.read_response(false).expect("first response");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Had the abandoned request been sent, the worker would now be blocked in it for 20 s.
+    let t0 = Instant::now();
+    let r = fx.srv.get("/pid");
+    assert_eq!(r.status, 200);
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the next request waited {:?}: the abandoned one ran",
+        t0.elapsed()
+    );
+    assert!(
+        !abandoned.join("started").exists(),
+        "the request of the client that left was run"
+    );
+    fx.srv.wait_access_log_line(
+        "the 499 line of the abandoned request",
+        Duration::from_secs(10),
+        |l| l.contains("/block") && l.contains("\" 499 "),
+    );
+}

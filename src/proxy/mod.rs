@@ -263,6 +263,7 @@ fn valid_host(h: &[u8]) -> bool {
 pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
+    client: std::os::fd::RawFd,
     shared: Arc<Shared>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = std::time::Instant::now();
@@ -398,8 +399,11 @@ pub async fn handle(
         chunks,
         record,
         timeout,
-        idempotent,
-        head_request,
+        wire::RequestInfo {
+            idempotent,
+            head_request,
+            client,
+        },
     )
     .await)
 }
@@ -506,10 +510,11 @@ async fn serve_connection(
     let linger = settings.keepalive;
     drop(settings);
     let svc_shared = shared.clone();
+    let client = std::os::fd::AsRawFd::as_raw_fd(&tcp);
     let svc = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
         async move {
-            let mut r = handle(req, peer, shared.clone()).await?;
+            let mut r = handle(req, peer, client, shared.clone()).await?;
             if shared.stopping.load(Ordering::Relaxed)
                 && r.status() != StatusCode::SWITCHING_PROTOCOLS
             {

@@ -63,6 +63,11 @@ impl IdlePool {
 
     /// Takes an idle slot, waiting in the queue if none is idle.
     pub async fn acquire(&self) -> Result<Slot, AcquireError> {
+        self.acquire_noting_wait().await.map(|(slot, _)| slot)
+    }
+
+    /// Like [`acquire`](Self::acquire); also says whether the request had to wait in the queue.
+    pub async fn acquire_noting_wait(&self) -> Result<(Slot, bool), AcquireError> {
         let rx = {
             let mut retired = Vec::new();
             let mut g = self.lock();
@@ -92,7 +97,7 @@ impl IdlePool {
                 slot.mark_taken();
                 drop(g);
                 drop(retired);
-                return Ok(slot);
+                return Ok((slot, false));
             }
             if g.closed {
                 return Err(AcquireError::Closed);
@@ -107,7 +112,7 @@ impl IdlePool {
             g.waiters.push_back(tx);
             rx
         };
-        Waiting { rx, pool: self }.await
+        Waiting { rx, pool: self }.await.map(|slot| (slot, true))
     }
 
     /// Gives a slot back: to the oldest waiter, or to the idle set. Slots of retiring workers are dropped.

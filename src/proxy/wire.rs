@@ -5,6 +5,8 @@
 //! as one buffer and the slot goes back at once; otherwise the body streams frame by frame.
 
 use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -27,18 +29,26 @@ pub use crate::worker::lane::WireError;
 async fn take_connected(
     shared: &Arc<Shared>,
     record: &mut Option<AccessRecord>,
+    client: RawFd,
 ) -> Result<(Slot, WireConn), StatusCode> {
     let mut attempts = 0;
     if let Some(r) = record.as_mut() {
         r.queue_enter();
     }
     loop {
-        let slot = match shared.pool.acquire().await {
+        let (slot, waited) = match shared.pool.acquire_noting_wait().await {
             Ok(s) => s,
             Err(_) => return Err(StatusCode::SERVICE_UNAVAILABLE),
         };
         if let Some(r) = record.as_mut() {
             r.queue_leave();
+        }
+        if waited && client_closed(client) {
+            // It waited in the queue and its client has closed the connection meanwhile (a
+            // client that timed out, nginx giving up): running it would only delay the requests
+            // behind it. nginx does the same (`proxy_ignore_client_abort off`).
+            shared.pool.release(slot);
+            return Err(CLIENT_CLOSED);
         }
         let mut hold = SlotHold::new(&shared.pool, slot);
         let own = match hold.get().conn.take() {
@@ -65,23 +75,76 @@ async fn take_connected(
     }
 }
 
+/// nginx's code for "client closed the request": logged when a request is dropped unsent.
+const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
+/// Whether the client has closed its side of the connection: end of file (or a reset) is
+/// waiting in the socket, seen without reading (`MSG_PEEK`).
+fn client_closed(fd: RawFd) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: `fd` is the client socket of the connection this request belongs to, open for as
+    // long as the request is being served; one byte is peeked into a local buffer.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+        || (n < 0
+            && matches!(
+                io::Error::last_os_error().raw_os_error(),
+                Some(libc::ECONNRESET | libc::ENOTCONN | libc::EPIPE)
+            ))
+}
+
+/// What [`forward`] needs to know about the request besides its frames.
+pub struct RequestInfo {
+    /// The request may be sent again to another worker if it was waiting behind another request
+    /// (pipelining) on a worker that died before answering it.
+    pub idempotent: bool,
+    pub head_request: bool,
+    /// The client's socket, to notice a client that left while its request waited in the queue.
+    pub client: RawFd,
+}
+
 /// Sends `request` (the `R` frame) and `body` to an idle bundled worker and returns the response.
-/// `idempotent`: the request may be sent again to another worker if it was waiting behind
-/// another request (pipelining) on a worker that died before answering it.
 pub async fn forward(
     shared: &Arc<Shared>,
     request: Bytes,
     body: Vec<Bytes>,
     mut record: Option<AccessRecord>,
     timeout: Option<std::time::Duration>,
-    idempotent: bool,
-    head_request: bool,
+    info: RequestInfo,
 ) -> Response<ProxyBody> {
+    let RequestInfo {
+        idempotent,
+        head_request,
+        client,
+    } = info;
     let mut resent = false;
     let mut message = Some((request, body));
     loop {
-        let (mut slot, mut conn) = match take_connected(shared, &mut record).await {
+        let (mut slot, mut conn) = match take_connected(shared, &mut record, client).await {
             Ok(x) => x,
+            Err(status) if status == CLIENT_CLOSED => {
+                tracing::info!("the client closed the connection while its request waited for a worker; not sent");
+                if let Some(r) = &record {
+                    shared.access.log(r, CLIENT_CLOSED.as_u16(), 0, None);
+                }
+                let mut resp = Response::new(ProxyBody::empty());
+                *resp.status_mut() = CLIENT_CLOSED;
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                return resp;
+            }
             Err(status) => return shared.reject(status, record),
         };
         let (request, body) = message

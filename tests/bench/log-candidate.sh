@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # gte-log-cand.sh PORT WORKERS MODULE:CALLABLE CHDIR PYTHON — like shared/bench/gte-candidate.sh,
 # plus [log] and metrics knobs: ACCESS=file|off (default file), ACCESS_FORMAT (default built-in),
-# METRICS=1 (listener on PORT+1000), GTE_EXTRA_WORKERS (lines added to [workers]).
+# METRICS=1 (listener on PORT+1000), GTE_EXTRA_WORKERS (lines added to [workers]), GTE_EXTRA_TOP
+# (top-level lines, e.g. "master_threads = 2").
 set -eu
 port=$1 workers=$2 app=$3 chdir=$4 python=$5
 bin=${GTE_BIN:?GTE_BIN must point at the gte-supervisor binary}
@@ -16,6 +17,7 @@ cat >"$dir/workers.toml" <<TOML
 bind = "127.0.0.1:$port"
 pidfile = "$dir/gte.pid"
 $metrics
+${GTE_EXTRA_TOP:-}
 [app]
 wsgi = "$app"
 chdir = "$chdir"
