@@ -48,6 +48,25 @@ fn warm_up(fx: &Fx) {
     }
 }
 
+/// Joins the client threads and fails with the first bad answers they recorded, if any.
+fn assert_all_answered(
+    fx: &Fx,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    errors: &Mutex<Vec<String>>,
+) {
+    for t in threads {
+        t.join().unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} bad answers: {:?}\n{}",
+        errors.len(),
+        &errors[..errors.len().min(10)],
+        fx.srv.diagnostics()
+    );
+}
+
 #[test]
 fn a_fast_request_never_waits_behind_a_slow_one_while_a_worker_is_idle() {
     let fx = start_life("pipeline_fair", |c| {
@@ -116,17 +135,7 @@ fn concurrent_requests_with_bodies_come_back_intact() {
             }
         }));
     }
-    for t in threads {
-        t.join().unwrap();
-    }
-    let errors = errors.lock().unwrap();
-    assert!(
-        errors.is_empty(),
-        "{} bad answers: {:?}\n{}",
-        errors.len(),
-        &errors[..errors.len().min(10)],
-        fx.srv.diagnostics()
-    );
+    assert_all_answered(&fx, threads, &errors);
 }
 
 #[test]
@@ -231,15 +240,5 @@ fn mixed_requests_sent_ahead_on_one_connection_all_come_back_whole() {
             }
         }));
     }
-    for t in threads {
-        t.join().unwrap();
-    }
-    let errors = errors.lock().unwrap();
-    assert!(
-        errors.is_empty(),
-        "{} bad answers: {:?}\n{}",
-        errors.len(),
-        &errors[..errors.len().min(10)],
-        fx.srv.diagnostics()
-    );
+    assert_all_answered(&fx, threads, &errors);
 }

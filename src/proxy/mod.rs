@@ -153,9 +153,17 @@ impl Shared {
     }
 }
 
+/// nginx's "client closed request": a request dropped unsent because its client left while it
+/// waited for a worker (logged; nobody reads the response).
+pub const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
 /// A short plain-text error: never a traceback, a path or a version.
 pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
     let text = match status {
+        CLIENT_CLOSED => "",
         StatusCode::BAD_REQUEST => "Bad Request\n",
         StatusCode::NOT_FOUND => "Not Found\n",
         StatusCode::PAYLOAD_TOO_LARGE => "Payload Too Large\n",
@@ -174,6 +182,10 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
     if status == StatusCode::SERVICE_UNAVAILABLE {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if status == CLIENT_CLOSED {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     r
 }

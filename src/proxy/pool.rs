@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -63,11 +64,12 @@ impl IdlePool {
 
     /// Takes an idle slot, waiting in the queue if none is idle.
     pub async fn acquire(&self) -> Result<Slot, AcquireError> {
-        self.acquire_noting_wait().await.map(|(slot, _)| slot)
+        self.acquire_timed().await.map(|(slot, _)| slot)
     }
 
-    /// Like [`acquire`](Self::acquire); also says whether the request had to wait in the queue.
-    pub async fn acquire_noting_wait(&self) -> Result<(Slot, bool), AcquireError> {
+    /// Like [`acquire`](Self::acquire); also says how long the request waited in the queue (None:
+    /// a slot was free at once, and no clock was read).
+    pub async fn acquire_timed(&self) -> Result<(Slot, Option<Duration>), AcquireError> {
         let rx = {
             let mut retired = Vec::new();
             let mut g = self.lock();
@@ -97,7 +99,7 @@ impl IdlePool {
                 slot.mark_taken();
                 drop(g);
                 drop(retired);
-                return Ok((slot, false));
+                return Ok((slot, None));
             }
             if g.closed {
                 return Err(AcquireError::Closed);
@@ -112,7 +114,10 @@ impl IdlePool {
             g.waiters.push_back(tx);
             rx
         };
-        Waiting { rx, pool: self }.await.map(|slot| (slot, true))
+        let since = Instant::now();
+        Waiting { rx, pool: self }
+            .await
+            .map(|slot| (slot, Some(since.elapsed())))
     }
 
     /// Gives a slot back: to the oldest waiter, or to the idle set. Slots of retiring workers are dropped.

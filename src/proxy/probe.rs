@@ -78,13 +78,8 @@ async fn exchange(mut slot: Slot, path: Option<String>) -> (Slot, Result<(), Str
 async fn exchange_on(slot: &mut Slot, path: Option<&str>) -> Result<(), String> {
     match slot.worker.addr.clone() {
         WorkerAddr::Unix(_) => {
-            let own = match slot.conn.take() {
-                Some(Conn::Wire(c)) => Some(c),
-                _ => None,
-            };
             let mut conn = slot
-                .worker
-                .wire_conn(own)
+                .wire_conn()
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
             match path {

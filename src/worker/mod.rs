@@ -3,8 +3,9 @@
 //! worker is the [`WorkerInfo`] behind an `Arc`: immutable facts plus a few atomics.
 //!
 //! A worker offers `slots` (a sync worker one, `threads = N` gives N, a `command` worker
-//! `connections`). Each [`Slot`] carries its own connection to the worker, so the proxy never
-//! waits on the master: it takes an idle slot, uses its connection, and gives it back.
+//! `connections`). Each [`Slot`] carries a connection to the worker, so the proxy never waits on
+//! the master: it takes an idle slot, uses its connection, and gives it back. The slots of a
+//! pipelined worker share one connection, answered in order (see [`lane`]).
 
 pub mod lane;
 pub mod protocol;
@@ -128,10 +129,8 @@ impl WorkerInfo {
             .collect()
     }
 
-    /// A connection for a request or probe on `slot`'s worker: the slot's own, or for a
-    /// pipelined worker the one lane all its slots share, opened on first use (and again after
-    /// it broke).
-    pub async fn wire_conn(&self, own: Option<WireConn>) -> std::io::Result<WireConn> {
+    /// A connection to this bundled worker given the one a slot held (see [`Slot::wire_conn`]).
+    async fn wire_conn(&self, own: Option<WireConn>) -> std::io::Result<WireConn> {
         if let Some(c) = own {
             if !c.lane().is_broken() {
                 return Ok(c);
@@ -234,6 +233,17 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// A connection for a request or probe on this slot: the one it held, unless broken; for a
+    /// pipelined worker, the one lane all its slots share, opened on first use (and again after
+    /// it broke); otherwise a new one of its own.
+    pub async fn wire_conn(&mut self) -> std::io::Result<WireConn> {
+        let own = match self.conn.take() {
+            Some(Conn::Wire(c)) => Some(c),
+            _ => None,
+        };
+        self.worker.wire_conn(own).await
+    }
+
     /// Marks the slot as in use (the pool calls this when it hands the slot out).
     pub fn mark_taken(&mut self) {
         if !self.taken {
