@@ -171,6 +171,7 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
         StatusCode::SERVICE_UNAVAILABLE => "Service Unavailable\n",
         StatusCode::GATEWAY_TIMEOUT => "Gateway Timeout\n",
         StatusCode::NOT_IMPLEMENTED => "Not Implemented\n",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "Request Header Fields Too Large\n",
         _ => "Error\n",
     };
     let mut r = Response::new(ProxyBody::full(Bytes::from_static(text.as_bytes())));
@@ -240,6 +241,25 @@ pub fn message_error<B>(req: &Request<B>) -> Option<StatusCode> {
         return Some(StatusCode::BAD_REQUEST);
     }
     None
+}
+
+/// Whether the request line and header block, as they were on the wire, exceed `limit` bytes.
+/// hyper's `max_buf_size` only bounds its read buffer, which grows in steps and is checked only
+/// while the head is incomplete, so a head of up to about twice the limit would get through.
+/// (Counted from the parsed request: method, target, version and one `name: value` line per
+/// field; optional whitespace around values is not counted, so this never overcounts.)
+pub fn head_too_large<B>(req: &Request<B>, limit: usize) -> bool {
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let line = req.method().as_str().len() + 1 + target + 11;
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
+        .sum();
+    line + fields + 2 > limit
 }
 
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2), or empty: registered-name and IP-literal
@@ -316,6 +336,15 @@ pub async fn handle(
     // closed after, since the client and we may disagree on where the next request starts.
     if let Some(status) = message_error(&req) {
         let mut r = shared.reject(status, record);
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(r);
+    }
+
+    // The limit hyper enforces only roughly (see `head_too_large`): 431, as nginx and gunicorn
+    // answer an oversized head, and the connection closed.
+    if head_too_large(&req, settings.limit_request_header) {
+        let mut r = shared.reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, record);
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(r);
