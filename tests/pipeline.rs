@@ -242,3 +242,35 @@ fn mixed_requests_sent_ahead_on_one_connection_all_come_back_whole() {
     }
     assert_all_answered(&fx, threads, &errors);
 }
+
+/// A request sent ahead waits behind another one on the same worker; its timeout (here a
+/// `path_timeouts` entry shorter than the run of the request ahead) counts from its turn, as if
+/// it had waited in the master: the busy worker is not taken for a stuck one and killed.
+#[test]
+fn a_short_path_timeout_counts_from_the_turn_of_a_request_sent_ahead() {
+    let fx = start_life("pipeline_path_timeout", |c| {
+        c.set("workers", "count", "1")
+            .set("workers", "pipeline", "2")
+            .set("workers", "path_timeouts", "{ \"/pid\" = \"1s\" }")
+    });
+    warm_up(&fx);
+    let worker = pid_of(&fx.srv.get("/pid"));
+    let started = Instant::now();
+    let mut slow = send_get_inside(&fx, "/stuck?s=2.5", "slow-started");
+    // The only worker is busy and has been fast: /pid is sent ahead, to wait in its socket for
+    // about 2.5 s, longer than its own 1 s timeout.
+    let mut fast = send_get(&fx, "/pid");
+    let r = fast.read_response(false).expect("the request sent ahead");
+    assert_eq!(r.status, 200, "{:?}\n{}", r.text(), fx.srv.diagnostics());
+    assert_eq!(pid_of(&r), worker, "answered by the same worker");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "it waited behind the slow request (else the test shows nothing)"
+    );
+    assert_eq!(slow.read_response(false).expect("slow").status, 200);
+    assert_eq!(
+        pid_of(&fx.srv.get("/pid")),
+        worker,
+        "no worker was replaced"
+    );
+}

@@ -185,7 +185,7 @@ async fn exchange(
     head_request: bool,
 ) -> Exchange {
     let timeout = timeout.unwrap_or(slot.worker.timeout);
-    let deadline = Instant::now() + timeout;
+    let mut deadline = Instant::now() + timeout;
 
     // If the client goes away while the worker works, the guard drains the answer in the
     // background and returns the slot only when the worker is idle again.
@@ -201,6 +201,14 @@ async fn exchange(
     }
     let head = {
         let (_, conn) = inflight.parts.as_mut().expect("parts present");
+        if queued_behind {
+            // Its clock starts when its turn comes, as if it had waited in the master: the
+            // request ahead has a timeout of its own (and a stuck worker is killed by that one),
+            // and a path timeout shorter than the run of the request ahead must not kill a worker
+            // that is busy, not stuck.
+            std::future::poll_fn(|cx| conn.poll_turn(cx)).await;
+            deadline = Instant::now() + timeout;
+        }
         tokio::time::timeout_at(deadline, conn.next_frame()).await
     };
     let (slot, conn) = inflight.parts.take().expect("parts present");

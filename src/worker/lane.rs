@@ -65,6 +65,26 @@ struct State {
 }
 
 impl State {
+    /// The shared first step of every poll by ticket `t`: report a broken lane, write what is
+    /// queued, and wait (registered to be woken) while another ticket is at the head.
+    fn poll_turn(&mut self, cx: &mut Context<'_>, t: u64) -> Poll<Result<(), WireError>> {
+        if let Some(e) = self.broken_error() {
+            return Poll::Ready(Err(e));
+        }
+        if !self.out.is_empty() {
+            if let Poll::Ready(Err(e)) = self.flush(cx, u64::MAX) {
+                self.break_with(&format!("write failed: {e}"));
+                return Poll::Ready(Err(WireError::Io(e)));
+            }
+        }
+        if self.head != t {
+            let i = (t - self.head - 1) as usize;
+            self.waiting[i] = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
+    }
+
     /// Writes pending request bytes until `until` bytes in total are out (or all are).
     fn flush(&mut self, cx: &mut Context<'_>, until: u64) -> Poll<io::Result<()>> {
         while !self.out.is_empty() && self.written < until {
@@ -214,25 +234,20 @@ impl WireConn {
         behind
     }
 
+    /// Writes pending request bytes and waits until this request's response is the next to be
+    /// read (its turn), or the lane is broken (then [`next_frame`](Self::next_frame) reports why).
+    pub fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let (t, _) = self.ticket.expect("poll_turn without a request");
+        let mut st = self.lane.lock();
+        st.poll_turn(cx, t).map(|_| ())
+    }
+
     /// Makes progress on both directions and returns the next frame of this request's response.
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, WireError>> {
         let (t, _) = self.ticket.expect("poll_frame without a request");
         let mut st = self.lane.lock();
         loop {
-            if let Some(e) = st.broken_error() {
-                return Poll::Ready(Err(e));
-            }
-            if !st.out.is_empty() {
-                if let Poll::Ready(Err(e)) = st.flush(cx, u64::MAX) {
-                    st.break_with(&format!("write failed: {e}"));
-                    return Poll::Ready(Err(WireError::Io(e)));
-                }
-            }
-            if st.head != t {
-                let i = (t - st.head - 1) as usize;
-                st.waiting[i] = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
+            ready!(st.poll_turn(cx, t))?;
             match protocol::take_frame(&mut st.buf) {
                 Ok(Some(f)) => return Poll::Ready(Ok(f)),
                 Ok(None) => {}
