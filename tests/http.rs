@@ -907,6 +907,11 @@ fn command_worker_serves_http_on_its_port() {
     for hop in ["x-hop", "keep-alive", "connection"] {
         assert_eq!(r.header(hop), None, "{hop} reached the client");
     }
+    // No Content-Length on a 204 (RFC 9110 §8.6), and the connection stays in step.
+    let r = c.request("GET", "/204", &[], b"");
+    assert_eq!(r.status, 204, "{}", srv.diagnostics());
+    assert_eq!(r.header("content-length"), None);
+    assert_eq!(c.request("GET", "/", &[], b"").text(), "command-app");
     let r = srv.get("/pid");
     assert_eq!(r.status, 200, "{}", srv.diagnostics());
     let body = r.text();
@@ -1155,6 +1160,25 @@ fn requests_the_rfcs_refuse_get_a_clear_status_and_a_closed_connection() {
 // ---------------------------------------------------------------------------------------------
 // An app's response head that lies or breaks PEP 3333
 // ---------------------------------------------------------------------------------------------
+
+#[test]
+fn no_body_and_no_content_length_on_204_and_the_connection_stays_in_step() {
+    // RFC 9110 §8.6: no Content-Length on a 204, even when the app declares one (and returns
+    // the body it declared); 304 keeps it (the length a 200 would have), with no body.
+    let fx = start_standard("no_content", |c| c);
+    let mut c = fx.srv.connect();
+    for (code, length) in [(204, None), (304, Some("5"))] {
+        c.send(
+            format!("GET /gen?parts=1&size=5&code={code} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes(),
+        );
+        let head = c.read_head().expect("head");
+        assert_eq!(head.status, code, "{}", fx.srv.diagnostics());
+        assert_eq!(head.header("content-length"), length, "{code}");
+        assert_eq!(head.header("transfer-encoding"), None, "{code}");
+        let next = c.request("GET", "/", &[], b"");
+        assert_eq!(next.text(), "hello from testapp\n", "after {code}");
+    }
+}
 
 #[test]
 fn a_lying_content_length_never_desyncs_a_keep_alive_connection() {

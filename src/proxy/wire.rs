@@ -387,6 +387,12 @@ impl Declared {
         let Some(first) = values.iter().next() else {
             return none;
         };
+        if status.is_informational() || status == StatusCode::NO_CONTENT {
+            // RFC 9110 §8.6: a server MUST NOT send Content-Length with these (they never have
+            // a body, and a client could wait for the bytes announced).
+            headers.remove(http::header::CONTENT_LENGTH);
+            return none;
+        }
         let parsed = std::str::from_utf8(first.as_bytes())
             .ok()
             .filter(|v| !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit()))
@@ -406,11 +412,7 @@ impl Declared {
         if repeated {
             headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n));
         }
-        if head_request
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
+        if head_request || status == StatusCode::NOT_MODIFIED {
             return none;
         }
         Declared {

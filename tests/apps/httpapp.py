@@ -1,7 +1,7 @@
 """Fixture for `command` workers: a tiny HTTP/1.1 server (stdlib) on 127.0.0.1:<argv[1]>.
 
 GET /pid answers "command-app <pid>"; GET /hop lists the request headers it got and sends
-hop-by-hop headers of its own; any other path answers "command-app".
+hop-by-hop headers of its own; GET /204 answers 204 with a Content-Length; any other path answers "command-app".
 """
 
 import os
@@ -25,6 +25,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Keep-Alive", "timeout=99")
             self.end_headers()
             self.wfile.write(body)
+            return
+        if self.path == "/204":
+            # A length on a 204 (RFC 9110 forbids it): the master must not pass it on.
+            self.send_response(204)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
             return
         body = ("command-app %d" % os.getpid() if self.path == "/pid" else "command-app").encode()
         self.send_response(200)

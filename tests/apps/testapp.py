@@ -125,7 +125,8 @@ def app(environ, start_response):
         parts, size = int(q.get("parts", "1")), int(q.get("size", "10"))
         extra = int(q.get("extra", "0"))
         short = int(q.get("short", "0"))  # declare this many bytes more than are sent
-        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+        status = {"204": "204 No Content", "304": "304 Not Modified"}.get(q.get("code"), "200 OK")
+        start_response(status, [("Content-Type", "application/octet-stream"),
                                   ("Content-Length", str(parts * size + short))])
 
         def gen():
