@@ -681,6 +681,8 @@ fn environ_headers_joined_and_content_headers_unprefixed() {
         &[
             ("X-Multi", "one"),
             ("X-Multi", "two"),
+            ("Cookie", "a=1"),
+            ("Cookie", "b=2"),
             ("X-Dashed-Name", "v"),
             ("Content-Type", "application/json"),
             ("User-Agent", "gte-tests/1"),
@@ -690,6 +692,8 @@ fn environ_headers_joined_and_content_headers_unprefixed() {
     assert_eq!(r.status, 200);
     let j = r.json();
     assert_eq!(j.get("HTTP_X_MULTI").str(), Some("one, two"));
+    // Cookie lines are joined with "; ", so that a cookie parser sees two cookies.
+    assert_eq!(j.get("HTTP_COOKIE").str(), Some("a=1; b=2"));
     assert_eq!(j.get("HTTP_X_DASHED_NAME").str(), Some("v"));
     assert_eq!(j.get("HTTP_USER_AGENT").str(), Some("gte-tests/1"));
     assert_eq!(j.get("CONTENT_TYPE").str(), Some("application/json"));

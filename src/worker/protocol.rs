@@ -117,8 +117,10 @@ pub fn encode_request(out: &mut Vec<u8>, r: &RequestFacts<'_>) -> Result<(), Enc
     let mut prev: Option<&HeaderName> = None;
     for (name, value) in r.headers.iter() {
         if prev == Some(name) {
-            // Repeated header: join with ", " onto the value just written.
-            out.extend_from_slice(b", ");
+            // Repeated header: join onto the value just written, with ", " (RFC 9110 §5.3),
+            // except Cookie: "; " (RFC 9113 §8.2.3, as nginx joins HTTP/2 cookie crumbs), since
+            // cookie parsers split on ";" only and would read "a=1, b=2" as one cookie.
+            out.extend_from_slice(if name == header::COOKIE { b"; " } else { b", " });
             out.extend_from_slice(value.as_bytes());
             continue;
         }
@@ -406,6 +408,8 @@ mod tests {
                 ("host", "example.com:81"),
                 ("x-a", "1"),
                 ("x-a", "2"),
+                ("cookie", "a=1"),
+                ("cookie", "b=2"),
                 ("content-type", "text/plain"),
             ],
             3,
@@ -427,6 +431,7 @@ mod tests {
         assert!(pairs.contains(&("CONTENT_TYPE".into(), "text/plain".into())));
         assert!(pairs.contains(&("CONTENT_LENGTH".into(), "3".into())));
         assert!(pairs.contains(&("HTTP_X_A".into(), "1, 2".into())));
+        assert!(pairs.contains(&("HTTP_COOKIE".into(), "a=1; b=2".into())));
         assert!(!pairs.iter().any(|(k, _)| k == "HTTP_CONTENT_TYPE"));
     }
 
