@@ -1294,3 +1294,23 @@ fn a_head_over_limit_request_header_gets_431_and_a_closed_connection() {
     let r = h.read_response(false).expect("answer");
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+#[test]
+fn a_head_hyper_cannot_parse_gets_400_and_a_warning_in_the_error_log() {
+    // No request exists for the access log; the error log names the client, as gunicorn's
+    // "Invalid request from ip=..." does.
+    let fx = start_standard("parse_refusal", |c| c);
+    let mut h = fx.srv.connect();
+    h.send(b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n");
+    let r = h.read_response(false).expect("an answer");
+    assert_eq!(r.status, 400);
+    assert!(h.peer_closes_within(Duration::from_secs(10)));
+    let line = fx
+        .srv
+        .wait_error_log_line("the refusal", Duration::from_secs(10), |l| {
+            l.contains("invalid request refused")
+        });
+    assert!(line.contains("client=127.0.0.1"), "{line}");
+    // A sound request on a new connection is served.
+    assert_eq!(fx.srv.get("/").status, 200);
+}

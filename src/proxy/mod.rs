@@ -523,6 +523,17 @@ impl Drop for ConnGuard {
     }
 }
 
+/// A request hyper refused before it became one (a malformed or oversized head: hyper answered
+/// 400 / 414 / 431 and closed) has no access-log line; it gets a warning in the error log, as
+/// gunicorn logs "Invalid request from ip=...". Timeouts and clients that left are not logged.
+fn log_refused(r: Result<(), hyper::Error>, peer: SocketAddr) {
+    if let Err(e) = r {
+        if e.is_parse() || e.is_parse_too_large() {
+            tracing::warn!(client = %peer.ip(), error = %e, "invalid request refused");
+        }
+    }
+}
+
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -575,7 +586,7 @@ async fn serve_connection(
         return;
     }
     tokio::select! {
-        _ = conn.as_mut() => {}
+        r = conn.as_mut() => log_refused(r, peer),
         _ = stop.changed() => {
             // Closing an idle keep-alive connection at once races with a request the client may
             // be sending on it. Instead let it carry one more request (answered with
