@@ -1090,6 +1090,19 @@ fn a_client_that_half_closes_still_gets_its_answers() {
     assert!(h.peer_closes_within(Duration::from_secs(10)));
 }
 
+/// Sends `bytes` on a new connection: the answer has `status` and `Connection: close`, and the
+/// master closes the connection.
+fn assert_refused_and_closed(fx: &Fx, what: &str, bytes: &[u8], status: u16) {
+    let mut h = fx.srv.connect();
+    h.send(bytes);
+    let r = h
+        .read_response(false)
+        .unwrap_or_else(|e| panic!("{what}: {e}\n{}", fx.srv.diagnostics()));
+    assert_eq!(r.status, status, "{what}: {}", r.text());
+    assert!(r.closes(), "{what}: Connection: close expected");
+    assert!(h.peer_closes_within(Duration::from_secs(10)), "{what}");
+}
+
 #[test]
 fn requests_the_rfcs_refuse_get_a_clear_status_and_a_closed_connection() {
     let fx = start_standard("rfc_refusals", |c| c);
@@ -1123,14 +1136,7 @@ fn requests_the_rfcs_refuse_get_a_clear_status_and_a_closed_connection() {
         ),
     ];
     for (what, bytes, status) in cases {
-        let mut h = fx.srv.connect();
-        h.send(bytes);
-        let r = h
-            .read_response(false)
-            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", fx.srv.diagnostics()));
-        assert_eq!(r.status, *status, "{what}: {}", r.text());
-        assert!(r.closes(), "{what}: Connection: close expected");
-        assert!(h.peer_closes_within(Duration::from_secs(10)), "{what}");
+        assert_refused_and_closed(&fx, what, bytes, *status);
     }
     // None of them reached the app; sound neighbours still do.
     for ok in [
@@ -1277,14 +1283,7 @@ fn a_head_over_limit_request_header_gets_431_and_a_closed_connection() {
         ("one field of 100 KB", head(1, 100_000)),
         ("twenty fields of 4 KB", head(20, 4_000)),
     ] {
-        let mut h = fx.srv.connect();
-        h.send(&bytes);
-        let r = h
-            .read_response(false)
-            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", fx.srv.diagnostics()));
-        assert_eq!(r.status, 431, "{what}: {}", r.text());
-        assert!(r.closes(), "{what}: Connection: close expected");
-        assert!(h.peer_closes_within(Duration::from_secs(10)), "{what}");
+        assert_refused_and_closed(&fx, what, &bytes, 431);
     }
     // A head just under the limit reaches the app.
     let bytes = head(15, 4_000);

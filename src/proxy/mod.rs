@@ -151,6 +151,19 @@ impl Shared {
         }
         resp
     }
+
+    /// [`reject`](Self::reject), and the connection closed after the answer: for a request
+    /// whose framing or size the client and we may disagree on.
+    pub fn reject_closing(
+        &self,
+        status: StatusCode,
+        record: Option<AccessRecord>,
+    ) -> Response<ProxyBody> {
+        let mut r = self.reject(status, record);
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    }
 }
 
 /// nginx's "client closed request": a request dropped unsent because its client left while it
@@ -335,29 +348,20 @@ pub async fn handle(
     // What hyper lets through but RFC 9112 / 9110 do not: answered here, and the connection
     // closed after, since the client and we may disagree on where the next request starts.
     if let Some(status) = message_error(&req) {
-        let mut r = shared.reject(status, record);
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(r);
+        return Ok(shared.reject_closing(status, record));
     }
 
     // The limit hyper enforces only roughly (see `head_too_large`): 431, as nginx and gunicorn
     // answer an oversized head, and the connection closed.
     if head_too_large(&req, settings.limit_request_header) {
-        let mut r = shared.reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, record);
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(r);
+        return Ok(shared.reject_closing(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, record));
     }
 
     // Refuse an announced oversized body before reading any of it.
     if let Some(cl) = req.headers().get(header::CONTENT_LENGTH) {
         match cl.to_str().ok().and_then(|s| s.parse::<u64>().ok()) {
             Some(n) if n > settings.limit_request_body => {
-                let mut r = shared.reject(StatusCode::PAYLOAD_TOO_LARGE, record);
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return Ok(r);
+                return Ok(shared.reject_closing(StatusCode::PAYLOAD_TOO_LARGE, record));
             }
             Some(_) => {}
             None => return Ok(shared.reject(StatusCode::BAD_REQUEST, record)),
@@ -388,10 +392,7 @@ pub async fn handle(
                     if let Ok(data) = f.into_data() {
                         total += data.len() as u64;
                         if total > settings.limit_request_body {
-                            let mut r = shared.reject(StatusCode::PAYLOAD_TOO_LARGE, record);
-                            r.headers_mut()
-                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                            return Ok(r);
+                            return Ok(shared.reject_closing(StatusCode::PAYLOAD_TOO_LARGE, record));
                         }
                         if !data.is_empty() {
                             chunks.push(data);
