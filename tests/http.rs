@@ -671,6 +671,51 @@ fn environ_query_string_is_raw() {
     );
 }
 
+/// gunicorn's mount point: SCRIPT_NAME in the workers' environment splits the path between
+/// SCRIPT_NAME and PATH_INFO (PEP 3333); a path outside it gets 400, as gunicorn answers, and the
+/// connection stays in step; a trusted proxy's `SCRIPT_NAME` header (nginx `proxy_set_header`)
+/// sets it per request, an untrusted peer's is dropped like any header with '_'.
+#[test]
+fn script_name_from_the_environment_or_a_trusted_proxy_mounts_the_app() {
+    let fx = start_standard("script_name", |c| {
+        c.set("app", "env", "{ SCRIPT_NAME = \"/api/\" }")
+    });
+    let mut c = fx.srv.connect();
+    let r = c.request("GET", "/api/env?x=1", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j.get("SCRIPT_NAME").str(), Some("/api"));
+    assert_eq!(j.get("PATH_INFO").str(), Some("/env"));
+    assert_eq!(j.get("QUERY_STRING").str(), Some("x=1"));
+    for outside in ["/env", "/apix/env"] {
+        let r = c.request("POST", outside, &[], b"a body the worker must skip");
+        assert_eq!(r.status, 400, "{outside}: {}", r.text());
+        assert!(
+            r.text().contains("outside SCRIPT_NAME '/api'"),
+            "{outside}: {}",
+            r.text()
+        );
+    }
+    let r = c.request("GET", "/api/env", &[("SCRIPT_NAME", "/v2")], b"");
+    assert_eq!(r.status, 400, "the header overrides the environment");
+    let r = c.request("GET", "/v2/env", &[("SCRIPT_NAME", "/v2")], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j.get("SCRIPT_NAME").str(), Some("/v2"));
+    assert_eq!(j.get("PATH_INFO").str(), Some("/env"));
+    assert!(!j.has("HTTP_SCRIPT_NAME"), "{:?}", j.keys());
+
+    let fx = start_standard("script_name_untrusted", |c| {
+        c.set("", "forwarded_allow_ips", "[]")
+    });
+    let mut c = fx.srv.connect();
+    let r = c.request("GET", "/env", &[("SCRIPT_NAME", "/v2")], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j.get("SCRIPT_NAME").str(), Some(""));
+    assert_eq!(j.get("PATH_INFO").str(), Some("/env"));
+}
+
 #[test]
 fn environ_headers_joined_and_content_headers_unprefixed() {
     let fx = start_standard("env_headers", |c| c);

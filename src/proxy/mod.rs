@@ -403,8 +403,9 @@ pub async fn handle(
             }
         }
     }
+    let trusted_peer = settings.trusted.contains(peer.ip());
     let scheme = match parts.headers.get("x-forwarded-proto").map(|v| v.as_bytes()) {
-        Some(b"https") if client_ip.is_some() || settings.trusted.contains(peer.ip()) => "https",
+        Some(b"https") if client_ip.is_some() || trusted_peer => "https",
         _ => "http",
     };
     let facts = RequestFacts {
@@ -415,6 +416,7 @@ pub async fn handle(
         remote: peer,
         remote_ip_override: client_ip.as_deref(),
         scheme,
+        trusted_peer,
         server: &settings.server,
         body_len: total,
         has_body,

@@ -108,6 +108,7 @@ async fn exchange_on(slot: &mut Slot, path: Option<&str>) -> Result<(), String> 
                         remote: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
                         remote_ip_override: None,
                         scheme: "http",
+                        trusted_peer: false,
                         server: &server,
                         body_len: 0,
                         has_body: false,

@@ -259,6 +259,34 @@ _sendfile = getattr(os, 'sendfile', None)
 # ------------------------------------------------------------------------------------------------
 # Request handling
 
+def _script_name():
+    """The app's mount point, as gunicorn takes it: SCRIPT_NAME from the environment ([app] env
+    or the service's own, e.g. systemd's Environment=), without a trailing slash."""
+    return os.environ.get('SCRIPT_NAME', '').rstrip('/')
+
+
+def _mount(env, script_name):
+    """Splits PATH_INFO at the mount point SCRIPT_NAME (PEP 3333: SCRIPT_NAME + PATH_INFO is the
+    path).  Returns None when the path is under it, else a WSGI app answering 400, as gunicorn
+    answers a path outside SCRIPT_NAME ("Configuration problem")."""
+    script_name = script_name.rstrip('/')
+    env['SCRIPT_NAME'] = script_name
+    path = env['PATH_INFO']
+    n = len(script_name)
+    if path.startswith(script_name) and (len(path) == n or path[n] == '/'):
+        env['PATH_INFO'] = path[n:]
+        return None
+    return _outside_script_name
+
+
+def _outside_script_name(env, start_response):
+    body = ('Bad Request: request path %r is outside SCRIPT_NAME %r\n'
+            % (env['PATH_INFO'], env['SCRIPT_NAME'])).encode('latin-1', 'replace')
+    start_response('400 Bad Request', [('Content-Type', 'text/plain'),
+                                       ('Content-Length', str(len(body)))])
+    return [body]
+
+
 class _Handler:
     """One request thread: accepts a master connection, serves its requests, repeats.
 
@@ -357,7 +385,11 @@ class _Handler:
         self.sframe = None
         self.sent = False
         self.clen = -1
-        if not self.respond(env):
+        app = self.app
+        script_name = env['SCRIPT_NAME']
+        if script_name:
+            app = _mount(env, script_name) or app
+        if not self.respond(env, app):
             return False
         if inp.remaining:
             # Skip what the app did not read so the next frame starts at the right place.
@@ -369,7 +401,7 @@ class _Handler:
 
     # -- one request ----------------------------------------------------------------------------
 
-    def respond(self, env):
+    def respond(self, env, app):
         """Call the application for one request and send its response.  Returns True when the
         connection can carry another request, False when it must be closed.
 
@@ -380,7 +412,7 @@ class _Handler:
         tail = None  # the last frame(s), when not the normal end of response
         held = None  # the last body chunk, sent together with E
         try:
-            result = self.app(env, self.start_response)
+            result = app(env, self.start_response)
             rtype = type(result)
             if rtype is list or rtype is tuple:
                 # Fast path: [body] or [] -> S + B + E in one buffer, one sendall().
@@ -859,7 +891,7 @@ def _serve(app, lsock, threads):
     """Run the request loop(s) until SIGTERM (after the requests in progress) or the master's
     death; never returns."""
     base_environ = {
-        'SCRIPT_NAME': '',
+        'SCRIPT_NAME': _script_name(),
         'SERVER_SOFTWARE': 'gte-supervisor',
         'wsgi.version': (1, 0),
         'wsgi.errors': _STDERR,

@@ -38,6 +38,9 @@ pub struct RequestFacts<'a> {
     pub remote: SocketAddr,
     pub remote_ip_override: Option<&'a [u8]>,
     pub scheme: &'a str,
+    /// Whether the peer is a trusted proxy (`forwarded_allow_ips`): its `SCRIPT_NAME` header
+    /// then sets the app's mount point, as gunicorn's `forwarder_headers` default allows.
+    pub trusted_peer: bool,
     pub server: &'a ServerInfo,
     pub body_len: u64,
     /// Whether the client announced a body (Content-Length or chunked): CONTENT_LENGTH is then set.
@@ -135,6 +138,10 @@ pub fn encode_request(out: &mut Vec<u8>, r: &RequestFacts<'_>) -> Result<(), Enc
         // Headers with '_' are dropped: X_Forwarded_For and X-Forwarded-For would map to the same
         // environ key, letting a client spoof what a proxy set (nginx and gunicorn do the same).
         if n.contains(&b'_') {
+            if n == b"script_name" && r.trusted_peer {
+                out.extend_from_slice(b"\0SCRIPT_NAME\0");
+                out.extend_from_slice(value.as_bytes());
+            }
             prev = None;
             continue;
         }
@@ -385,6 +392,7 @@ mod tests {
             remote: "127.0.0.1:5555".parse().unwrap(),
             remote_ip_override: None,
             scheme: "http",
+            trusted_peer: false,
             server: &server,
             body_len,
             has_body: body_len > 0,
@@ -453,6 +461,7 @@ mod tests {
             remote: "127.0.0.1:1".parse().unwrap(),
             remote_ip_override: None,
             scheme: "http",
+            trusted_peer: false,
             server: &server,
             body_len: 0,
             has_body: false,
