@@ -341,8 +341,14 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "tmp_upload_dir",
         "request bodies are buffered by the master, bounded by limit_request_body",
     ),
-    ("secure_scheme_headers", "not configurable"),
-    ("forwarder_headers", "not configurable"),
+    (
+        "secure_scheme_headers",
+        "not configurable: gunicorn's default three (X-Forwarded-Proto: https, X-Forwarded-Ssl: on, X-Forwarded-Protocol: ssl) are believed from forwarded_allow_ips",
+    ),
+    (
+        "forwarder_headers",
+        "not configurable: SCRIPT_NAME from forwarded_allow_ips is honoured (gunicorn's default); PATH_INFO is not",
+    ),
     (
         "proxy_protocol",
         "the PROXY protocol is not supported; nginx in front speaks plain HTTP",

@@ -716,6 +716,61 @@ fn script_name_from_the_environment_or_a_trusted_proxy_mounts_the_app() {
     assert_eq!(j.get("PATH_INFO").str(), Some("/env"));
 }
 
+/// gunicorn's `secure_scheme_headers` default: from a trusted proxy, `X-Forwarded-Proto: https`,
+/// `X-Forwarded-Ssl: on` or `X-Forwarded-Protocol: ssl` make `wsgi.url_scheme` "https" (and the
+/// default port 443); headers that disagree get 400, as under gunicorn; an untrusted peer's are
+/// not believed.
+#[test]
+fn a_trusted_proxy_s_scheme_headers_set_url_scheme_and_contradictions_get_400() {
+    let fx = start_standard("scheme_trusted", |c| c);
+    let mut c = fx.srv.connect();
+    let scheme = |c: &mut Http, headers: &[(&str, &str)]| {
+        let r = c.request("GET", "/env", headers, b"");
+        assert_eq!(r.status, 200, "{headers:?}: {}", r.text());
+        r.json().get("wsgi.url_scheme").str().map(str::to_owned)
+    };
+    assert_eq!(scheme(&mut c, &[]).as_deref(), Some("http"));
+    for h in [
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Ssl", "on"),
+        ("X-Forwarded-Protocol", "ssl"),
+    ] {
+        assert_eq!(scheme(&mut c, &[h]).as_deref(), Some("https"), "{h:?}");
+    }
+    assert_eq!(
+        scheme(&mut c, &[("X-Forwarded-Proto", "http")]).as_deref(),
+        Some("http")
+    );
+    let r = c.request(
+        "GET",
+        "/env",
+        &[("Host", "example.org"), ("X-Forwarded-Proto", "https")],
+        b"",
+    );
+    assert_eq!(r.json().get("SERVER_PORT").str(), Some("443"));
+    let r = c.request(
+        "GET",
+        "/env",
+        &[("X-Forwarded-Proto", "https"), ("X-Forwarded-Ssl", "off")],
+        b"",
+    );
+    assert_eq!(r.status, 400, "contradictory scheme headers: {}", r.text());
+    assert_eq!(
+        scheme(&mut c, &[]).as_deref(),
+        Some("http"),
+        "still in step"
+    );
+
+    let fx = start_standard("scheme_untrusted", |c| {
+        c.set("", "forwarded_allow_ips", "[]")
+    });
+    let mut c = fx.srv.connect();
+    assert_eq!(
+        scheme(&mut c, &[("X-Forwarded-Proto", "https")]).as_deref(),
+        Some("http")
+    );
+}
+
 #[test]
 fn environ_headers_joined_and_content_headers_unprefixed() {
     let fx = start_standard("env_headers", |c| c);

@@ -256,6 +256,29 @@ pub fn message_error<B>(req: &Request<B>) -> Option<StatusCode> {
     None
 }
 
+/// gunicorn's `secure_scheme_headers` default, believed from a trusted proxy: the request came
+/// over HTTPS when `X-Forwarded-Proto: https`, `X-Forwarded-Ssl: on` or `X-Forwarded-Protocol:
+/// ssl`. Headers that disagree (one says HTTPS, another says otherwise) are an error, answered
+/// 400 as gunicorn answers them ("Contradictory scheme headers").
+fn forwarded_scheme(headers: &::http::HeaderMap) -> Result<bool, ()> {
+    const SECURE: [(&str, &[u8]); 3] = [
+        ("x-forwarded-proto", b"https"),
+        ("x-forwarded-ssl", b"on"),
+        ("x-forwarded-protocol", b"ssl"),
+    ];
+    let mut said: Option<bool> = None;
+    for (name, secure) in SECURE {
+        for v in headers.get_all(name) {
+            let this = v.as_bytes().trim_ascii().eq_ignore_ascii_case(secure);
+            match said {
+                Some(s) if s != this => return Err(()),
+                _ => said = Some(this),
+            }
+        }
+    }
+    Ok(said.unwrap_or(false))
+}
+
 /// Whether the request line and header block, as they were on the wire, exceed `limit` bytes.
 /// hyper's `max_buf_size` only bounds its read buffer, which grows in steps and is checked only
 /// while the head is incomplete, so a head of up to about twice the limit would get through.
@@ -404,9 +427,14 @@ pub async fn handle(
         }
     }
     let trusted_peer = settings.trusted.contains(peer.ip());
-    let scheme = match parts.headers.get("x-forwarded-proto").map(|v| v.as_bytes()) {
-        Some(b"https") if client_ip.is_some() || trusted_peer => "https",
-        _ => "http",
+    let scheme = if trusted_peer {
+        match forwarded_scheme(&parts.headers) {
+            Ok(true) => "https",
+            Ok(false) => "http",
+            Err(()) => return Ok(shared.reject(StatusCode::BAD_REQUEST, record)),
+        }
+    } else {
+        "http"
     };
     let facts = RequestFacts {
         method: &parts.method,
