@@ -286,6 +286,80 @@ fn streamed_first_chunk_arrives_before_the_app_finishes() {
     );
 }
 
+/// An app that fails after start_response never leaves its client with nothing: when the failure
+/// came before any of the response reached the client (the master holds the start, the body so
+/// far and the failure at once), the client gets a whole 500 and its connection stays usable;
+/// otherwise it gets the head and the body so far, then the connection is cut before the end
+/// (never an empty reply, which clients and nginx take for a dropped connection).
+#[test]
+fn an_app_failing_mid_body_gives_a_500_or_a_cut_body_never_an_empty_reply() {
+    let fx = start_standard("fail_mid_body", |c| c);
+    let mut saw_500 = 0;
+    for i in 0..12 {
+        let mut c = fx.srv.connect();
+        // Half declare a Content-Length, half are chunked to the client.
+        let target = match i % 2 {
+            0 => "/gen?parts=2&size=5&fail=1",
+            _ => "/gen?parts=2&size=5&fail=1&nolen=1",
+        };
+        c.send(&c.build("GET", target, &[], b""));
+        let head = c
+            .read_head()
+            .unwrap_or_else(|e| panic!("try {i}: no response head at all (an empty reply): {e}"));
+        match head.status {
+            500 => {
+                saw_500 += 1;
+                let mut framing = Http::body_framing(&head, false).unwrap();
+                let mut body = Vec::new();
+                while let Some(p) = c.read_piece(&mut framing).expect("the 500's body") {
+                    body.extend_from_slice(&p);
+                }
+                assert_eq!(body, b"Internal Server Error\n");
+                let r = c.request("GET", "/", &[], b"");
+                assert_eq!(r.status, 200, "the connection stays in step after the 500");
+            }
+            200 => {
+                // Streamed: what was sent, then the cut (before the declared 10 bytes, or before
+                // the last chunk).
+                let mut framing = Http::body_framing(&head, false).unwrap();
+                let mut got = Vec::new();
+                let end = loop {
+                    match c.read_piece(&mut framing) {
+                        Ok(Some(p)) => got.extend_from_slice(&p),
+                        Ok(None) => break None,
+                        Err(e) => break Some(e),
+                    }
+                };
+                assert!(end.is_some(), "try {i}: the body ended normally: {got:?}");
+                assert!(got.len() <= 10, "try {i}: {got:?}");
+            }
+            s => panic!("try {i}: status {s}"),
+        }
+    }
+    eprintln!("{saw_500} of 12 answered 500 (the rest streamed, then cut)");
+
+    // Deterministically streamed: the head and the first chunk are out before the app fails.
+    let gate = fx.dir.join("gate");
+    fs::create_dir_all(&gate).unwrap();
+    let mut c = fx.srv.connect();
+    c.send(&c.build(
+        "GET",
+        &format!("/stream?dir={}&fail=1", pct(gate.to_str().unwrap())),
+        &[],
+        b"",
+    ));
+    let head = c.read_head().expect("the head of the streamed response");
+    assert_eq!(head.status, 200);
+    let mut framing = Http::body_framing(&head, false).unwrap();
+    let first = c.read_piece(&mut framing).expect("first chunk");
+    assert_eq!(first.as_deref(), Some(&b"first-chunk\n"[..]));
+    fs::write(gate.join("release"), b"go").unwrap();
+    match c.read_piece(&mut framing) {
+        Err(_) => {}
+        other => panic!("the body must be cut, not ended or continued: {other:?}"),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // connections and concurrency
 // ---------------------------------------------------------------------------------------------

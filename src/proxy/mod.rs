@@ -180,6 +180,7 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
         StatusCode::BAD_REQUEST => "Bad Request\n",
         StatusCode::NOT_FOUND => "Not Found\n",
         StatusCode::PAYLOAD_TOO_LARGE => "Payload Too Large\n",
+        StatusCode::INTERNAL_SERVER_ERROR => "Internal Server Error\n",
         StatusCode::BAD_GATEWAY => "Bad Gateway\n",
         StatusCode::SERVICE_UNAVAILABLE => "Service Unavailable\n",
         StatusCode::GATEWAY_TIMEOUT => "Gateway Timeout\n",

@@ -315,14 +315,17 @@ fn respond(
                 break;
             }
             Ok(Some(Frame::Abort(why))) => {
+                // The app failed after its start_response, but all of it (status, any body
+                // so far, the failure) is still here: nothing has reached the client, so it gets
+                // a whole 500 instead of a cut-off 200 it could take for a dropped connection
+                // (PEP 3333: an error before the headers are sent is the server's to report).
                 let pid = slot.worker.pid();
                 finish(shared, slot, conn);
-                tracing::warn!(pid, reason = %String::from_utf8_lossy(&why), "app failed after sending headers; client connection aborted");
+                tracing::warn!(pid, reason = %String::from_utf8_lossy(&why), "app failed before any of its response reached the client; answered 500");
+                let resp = error_response(StatusCode::INTERNAL_SERVER_ERROR);
                 if let Some(r) = &record {
-                    shared.access.log(r, status.as_u16(), 0, Some(pid));
+                    shared.access.log(r, 500, resp_len(&resp), Some(pid));
                 }
-                // Headers already out from the app's point of view: cut the client connection.
-                *resp.body_mut() = ProxyBody::Wire(Box::new(WireBody::aborted(shared.clone())));
                 return resp;
             }
             Ok(Some(other)) => {
@@ -651,19 +654,6 @@ pub struct WireBody {
 }
 
 impl WireBody {
-    fn aborted(shared: Arc<Shared>) -> Self {
-        WireBody {
-            shared,
-            rx: None,
-            record: None,
-            status: 0,
-            sent: 0,
-            pid: None,
-            done: false,
-            abort: true,
-        }
-    }
-
     pub fn is_done(&self) -> bool {
         self.done
     }

@@ -7,9 +7,10 @@ Routes (anything else is 404):
   /big               1 MiB deterministic bytes ((i*31+7) % 251) with Content-Length;
                      ?stream=1 yields it in 64 KiB pieces without Content-Length
   /gen?parts=N&size=S&extra=E  a generator of N parts of S bytes with Content-Length = N*S
-                     (Flask's shape), then E more bytes beyond it (a broken app)
+                     (Flask's shape), then E more bytes beyond it (a broken app); &fail=1
+                     raises after them; &nolen=1 declares no Content-Length
   /stream?dir=D      yields "first-chunk\n", waits (bounded) for the file D/release, then yields
-                     "released\n" (or "timed-out\n")
+                     "released\n" (or "timed-out\n"); &fail=1 raises instead
   /block?dir=D       writes D/started (its pid), waits (bounded) for D/release, answers
                      "released <pid>" (or "timed-out <pid>")
   /slow?ms=N         sleeps N ms, answers its pid
@@ -77,9 +78,12 @@ def wait_for(path, limit):
     return False
 
 
-def stream(d):
+def stream(d, fail=False):
     yield b"first-chunk\n"
-    yield b"released\n" if wait_for(os.path.join(d, "release"), 15) else b"timed-out\n"
+    released = wait_for(os.path.join(d, "release"), 15)
+    if fail:
+        raise RuntimeError("fixture failure mid-stream")
+    yield b"released\n" if released else b"timed-out\n"
 
 
 def big_stream():
@@ -126,14 +130,18 @@ def app(environ, start_response):
         extra = int(q.get("extra", "0"))
         short = int(q.get("short", "0"))  # declare this many bytes more than are sent
         status = {"204": "204 No Content", "304": "304 Not Modified"}.get(q.get("code"), "200 OK")
-        start_response(status, [("Content-Type", "application/octet-stream"),
-                                  ("Content-Length", str(parts * size + short))])
+        headers = [("Content-Type", "application/octet-stream")]
+        if not q.get("nolen"):
+            headers.append(("Content-Length", str(parts * size + short)))
+        start_response(status, headers)
 
         def gen():
             for i in range(parts):
                 yield bytes([97 + i % 26]) * size
             if extra:
                 yield b"!" * extra
+            if q.get("fail"):
+                raise RuntimeError("fixture failure after the body's start")
         return gen()
 
     if path == "/hop":
@@ -149,7 +157,7 @@ def app(environ, start_response):
 
     if path == "/stream":
         start_response("200 OK", [("Content-Type", "text/plain")])
-        return stream(q["dir"])
+        return stream(q["dir"], bool(q.get("fail")))
 
     if path == "/block":
         d = q["dir"]
