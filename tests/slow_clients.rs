@@ -56,6 +56,45 @@ fn slow_uploads_and_downloads_do_not_hold_sync_workers() {
     drop(slow);
 }
 
+/// A client that stops reading a response bigger than the master's buffer for it does not keep
+/// the worker behind it: after `timeout` without room for the next piece the master cuts that
+/// client (a warning says so), drains the rest of the response and the worker serves again,
+/// unharmed. Both shapes: a streamed body, and one 24 MiB piece (which the worker sends as
+/// 1 MiB frames, so the master never holds it whole).
+#[test]
+fn a_client_that_stops_reading_is_cut_after_the_timeout_and_the_worker_is_freed() {
+    let fx = start_standard("stalled_reader", |c| {
+        c.set("workers", "count", "1")
+            .set("workers", "timeout", "2")
+            .set("workers", "keepalive", "60")
+    });
+    let pid = fx.srv.get("/pid").text();
+    for path in ["/big?stream=1&mib=24", "/big?mib=24"] {
+        // Sends the request and never reads: kernel buffers and the master's 4 MiB fill up.
+        let mut stalled = TcpStream::connect(("127.0.0.1", fx.port)).unwrap();
+        stalled
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        let started = Instant::now();
+        let mut c = Http::connect(fx.port);
+        let r = c.request("GET", "/pid", &[], b"");
+        assert_eq!(r.status, 200, "{path}: {}", fx.srv.diagnostics());
+        assert_eq!(r.text(), pid, "{path}: the worker was replaced, not freed");
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_secs(20),
+            "{path}: a fast request waited {waited:?} behind the stalled client"
+        );
+        drop(stalled);
+    }
+    let line =
+        fx.srv
+            .wait_error_log_line("about the stalled client", Duration::from_secs(10), |l| {
+                l.contains("its connection is cut and the worker freed")
+            });
+    assert!(line.contains("WARN"), "{line}");
+}
+
 #[test]
 fn thread_pool_variables_are_set_per_worker_unless_the_operator_set_them() {
     let cpus = std::thread::available_parallelism()

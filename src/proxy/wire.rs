@@ -537,6 +537,19 @@ fn resp_len(r: &Response<ProxyBody>) -> u64 {
 /// pump stops reading and the worker waits (bounded memory per response).
 const STREAM_BUFFER_BYTES: usize = 4 << 20;
 
+/// What a queued chunk costs beyond its bytes (the channel's node, the `Bytes`, the permit),
+/// counted against the budget so that an app yielding tiny chunks is bounded too.
+const CHUNK_COST: usize = 128;
+
+/// How a chunk fared in the client's queue.
+enum Queued {
+    Yes,
+    /// The client is gone.
+    ClientGone,
+    /// The client took nothing for the whole stall limit while the budget was spent.
+    ClientStalled,
+}
+
 type Chunk = Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), String>;
 
 /// The pump's end of a streamed response's queue: unbounded channel, bounded by a byte budget;
@@ -549,20 +562,54 @@ struct Queue {
 }
 
 impl Queue {
-    /// Queues the part of a chunk within the declared length, waiting while the budget is spent;
-    /// false once the client is gone.
-    async fn send(&mut self, b: Bytes) -> bool {
+    /// Queues the part of a chunk within the declared length, waiting while the budget is spent,
+    /// but no longer than `stall`: a client that reads nothing for that long would otherwise hold
+    /// the worker behind it for as long as it likes.
+    async fn send(&mut self, b: Bytes, stall: std::time::Duration) -> Queued {
         let Some(b) = self.declared.cut(b, self.pid) else {
-            return true;
+            return Queued::Yes;
         };
-        let n = (b.len().min(STREAM_BUFFER_BYTES)) as u32;
-        let Ok(permit) = self.budget.clone().acquire_many_owned(n).await else {
-            return false;
+        let n = ((b.len() + CHUNK_COST).min(STREAM_BUFFER_BYTES)) as u32;
+        let permit = match self.budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Queued::ClientGone,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                match tokio::time::timeout(stall, self.budget.clone().acquire_many_owned(n)).await {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => return Queued::ClientGone,
+                    Err(_) => return Queued::ClientStalled,
+                }
+            }
         };
-        self.tx.send(Ok((b, Some(permit)))).is_ok()
+        if self.tx.send(Ok((b, Some(permit)))).is_ok() {
+            Queued::Yes
+        } else {
+            Queued::ClientGone
+        }
     }
     fn fail(&self, why: &str) {
         let _ = self.tx.send(Err(why.to_string()));
+    }
+}
+
+/// Queues one chunk for the client; true when the client is gone from now on. A client that
+/// stops reading is cut after `timeout` without progress (gunicorn's arbiter kills a sync worker
+/// stuck that long in `send()`); the pump then reads and drops the rest of the response, so the
+/// worker is free again as soon as the app is done.
+async fn queue_chunk(tx: &mut Queue, b: Bytes, timeout: std::time::Duration) -> bool {
+    match tx.send(b, timeout).await {
+        Queued::Yes => false,
+        Queued::ClientGone => true,
+        Queued::ClientStalled => {
+            tracing::warn!(
+                pid = tx.pid,
+                timeout_s = timeout.as_secs_f64(),
+                "the client read nothing of the response for the whole timeout with the \
+                 response buffer full; its connection is cut and the worker freed"
+            );
+            tx.fail("the client stopped reading");
+            true
+        }
     }
 }
 
@@ -576,15 +623,18 @@ async fn pump(
     mut tx: Queue,
 ) {
     let mut client_gone = false;
+    // A client that stops reading is cut after `timeout` without progress (gunicorn's arbiter
+    // kills a sync worker stuck that long in send()); the rest of the response is then read and
+    // dropped, so that the worker is free again as soon as the app is done.
     for b in pending {
-        if !client_gone && !tx.send(b).await {
+        if !client_gone && queue_chunk(&mut tx, b, timeout).await {
             client_gone = true;
         }
     }
     loop {
         match tokio::time::timeout(timeout, conn.next_frame()).await {
             Ok(Ok(Frame::Body(b))) => {
-                if !client_gone && !tx.send(b).await {
+                if !client_gone && queue_chunk(&mut tx, b, timeout).await {
                     client_gone = true;
                 }
             }

@@ -60,8 +60,11 @@ _FIXED_KEYS = ('REQUEST_METHOD', 'PATH_INFO', 'QUERY_STRING', 'RAW_URI', 'SERVER
 # the S frame / E frame when they go out at the same moment) so that a frame group costs a single
 # sendall(); bigger chunks are sent with a sendall() of their own to avoid the copy.
 _COALESCE_MAX = 64 * 1024
-# Largest B payload we emit (the length field is 32 bits); bigger bodies are split.
-_MAX_B = 1 << 30
+# Largest B payload we emit; bigger chunks are split (memoryview slices, no copy).  The master
+# holds a whole frame before passing it on, so this bounds what one frame costs it: a 20 MiB
+# chunk for a slow client is 20 frames under its 4 MiB per-response budget, not one 20 MiB
+# buffer (and it refuses frames over 64 MiB outright).
+_MAX_B = 1 << 20
 _READ_BLOCK = 64 * 1024
 
 # The whole response (S + B + E) sent when the application fails before S went out.

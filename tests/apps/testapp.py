@@ -5,7 +5,8 @@ Routes (anything else is 404):
   /echo              the request body back as JSON: length, body (latin-1), CONTENT_LENGTH, keys
   /env, /env/...     JSON of selected environ keys (PEP 3333 checks)
   /big               1 MiB deterministic bytes ((i*31+7) % 251) with Content-Length;
-                     ?stream=1 yields it in 64 KiB pieces without Content-Length
+                     ?stream=1 yields it in 64 KiB pieces without Content-Length; ?mib=N
+                     sends it N times over
   /gen?parts=N&size=S&extra=E  a generator of N parts of S bytes with Content-Length = N*S
                      (Flask's shape), then E more bytes beyond it (a broken app); &fail=1
                      raises after them; &nolen=1 declares no Content-Length
@@ -86,10 +87,11 @@ def stream(d, fail=False):
     yield b"released\n" if released else b"timed-out\n"
 
 
-def big_stream():
+def big_stream(times=1):
     data = big()
-    for i in range(0, len(data), 65536):
-        yield data[i:i + 65536]
+    for _ in range(times):
+        for i in range(0, len(data), 65536):
+            yield data[i:i + 65536]
 
 
 def app(environ, start_response):
@@ -122,8 +124,9 @@ def app(environ, start_response):
     if path == "/big":
         if q.get("stream"):
             start_response("200 OK", [("Content-Type", "application/octet-stream")])
-            return big_stream()
-        return respond(start_response, big(), ctype="application/octet-stream")
+            return big_stream(int(q.get("mib", "1")))
+        return respond(start_response, big() * int(q.get("mib", "1")),
+                       ctype="application/octet-stream")
 
     if path == "/gen":
         parts, size = int(q.get("parts", "1")), int(q.get("size", "10"))
