@@ -126,6 +126,52 @@ fn chunked_request_body_is_dechunked_with_content_length() {
     // the connection is still usable after the chunked exchange
     let r2 = c.request("POST", "/echo", &[], b"second");
     assert_eq!(r2.json().get("body").str(), Some("second"));
+
+    // A body in thousands of tiny pieces (each its own frame in the master) arrives whole.
+    let tiny: Vec<Vec<u8>> = (0..3000u32)
+        .map(|i| vec![b'a' + (i % 26) as u8; 1 + (i % 3) as usize])
+        .collect();
+    let tiny_refs: Vec<&[u8]> = tiny.iter().map(|p| p.as_slice()).collect();
+    let expected: Vec<u8> = tiny.concat();
+    let mut req = c.build("POST", "/echo", &[("Transfer-Encoding", "chunked")], b"");
+    req.extend_from_slice(&chunked(&tiny_refs));
+    c.send(&req);
+    let r = c
+        .read_response(false)
+        .expect("response to a tiny-chunked upload");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json().get("body").str().unwrap().as_bytes(),
+        &expected[..]
+    );
+}
+
+/// A client that stops sending its request body gets 408 and a closed connection after
+/// `timeout` (nginx's client_body_timeout; under gunicorn the worker would be killed), and a
+/// warning names it; no worker ever saw the request.
+#[test]
+fn a_request_body_that_stalls_past_the_timeout_gets_408() {
+    let fx = start_standard("body_stall", |c| c.set("workers", "timeout", "2"));
+    let mut c = fx.srv.connect();
+    let started = Instant::now();
+    c.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly ten b");
+    let r = c
+        .read_response(false)
+        .expect("an answer to the stalled upload");
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "answered before the timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(r.header("connection"), Some("close"));
+    let line = fx
+        .srv
+        .wait_error_log_line("about the stalled body", Duration::from_secs(10), |l| {
+            l.contains("request body stalled")
+        });
+    assert!(line.contains("received=10"), "{line}");
+    assert_eq!(fx.srv.get("/").status, 200);
 }
 
 #[test]
@@ -229,6 +275,24 @@ fn generator_body_with_content_length_is_intact() {
     assert_eq!(r.status, 200);
     assert_eq!(&r.body[..], b"aaaaaaaaaabbbbbbbbbb");
     assert_eq!(fx.srv.get("/").status, 200);
+}
+
+/// A body bigger than the master's 64 MiB frame limit, returned in one piece (`[data]`), arrives
+/// whole: the bundled worker sends it as 1 MiB frames (it used to send one frame, and the master
+/// answered 502 and replaced the worker).
+#[test]
+fn a_body_of_96_mib_in_one_piece_arrives_whole() {
+    let fx = start_standard("huge_body", |c| c);
+    let mut c = fx.srv.connect();
+    let r = c.request("GET", "/big?mib=96", &[], b"");
+    assert_eq!(r.status, 200, "{}", fx.srv.diagnostics());
+    assert_eq!(r.body.len(), 96 << 20);
+    let one = big_pattern();
+    assert!(
+        r.body.chunks(1 << 20).all(|mib| mib == one.as_slice()),
+        "the 96 MiB body differs from the pattern"
+    );
+    assert_eq!(c.request("GET", "/", &[], b"").status, 200);
 }
 
 #[test]
