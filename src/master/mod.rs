@@ -113,6 +113,9 @@ pub struct Master {
     generation: u64,
     desired: usize,
     phase: Phase,
+    /// When a graceful stop must be over (TERM + graceful_timeout): draining the connections and
+    /// stopping the workers share that one budget.
+    stop_deadline: Option<Instant>,
     booted: bool,
     reloading: bool,
     crash_streak: u32,
@@ -216,6 +219,7 @@ impl Master {
             next_id: 1,
             generation: 1,
             phase: Phase::Running,
+            stop_deadline: None,
             booted: false,
             reloading: false,
             crash_streak: 0,
@@ -268,7 +272,10 @@ impl Master {
                 _ = tokio::time::sleep_until(wake) => self.on_timer(),
                 _ = async { self.server.as_mut().expect("server task present while draining").await }, if draining && self.server.is_some() => {
                     self.server = None;
-                    tracing::info!("in-flight requests finished; stopping workers");
+                    match self.shared.open_connections() {
+                        0 => tracing::info!("in-flight requests finished; stopping workers"),
+                        open => tracing::warn!(open, "graceful_timeout reached: stopping workers with connections still open"),
+                    }
                     self.stop_workers(false);
                 }
             }
@@ -1154,6 +1161,7 @@ impl Master {
             let _ = self.grace_tx.send(self.cfg.workers.graceful_timeout);
             let _ = self.stop_tx.send(true);
             self.phase = Phase::DrainingConnections;
+            self.stop_deadline = Some(Instant::now() + self.cfg.workers.graceful_timeout);
             return;
         }
         if self.exit_code == exit::OK {
@@ -1182,14 +1190,13 @@ impl Master {
             if fast {
                 self.stop_process(id, Signal::SIGQUIT, Duration::from_secs(2));
             } else {
-                self.stop_process(
-                    id,
-                    Signal::SIGTERM,
-                    self.cfg
-                        .workers
-                        .graceful_timeout
-                        .max(Duration::from_secs(1)),
-                );
+                // What is left of graceful_timeout after draining the connections (at least a
+                // second to exit on SIGTERM), so a stop takes graceful_timeout, not twice that.
+                let left = match self.stop_deadline {
+                    Some(d) => d.saturating_duration_since(Instant::now()),
+                    None => self.cfg.workers.graceful_timeout,
+                };
+                self.stop_process(id, Signal::SIGTERM, left.max(Duration::from_secs(1)));
             }
         }
         self.update_ready_count();
