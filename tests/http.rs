@@ -980,6 +980,8 @@ fn environ_server_and_remote_fields() {
     assert_eq!(j.get("wsgi.run_once").bool(), Some(false));
     assert_eq!(j.get("has_wsgi.input").bool(), Some(true));
     assert_eq!(j.get("has_wsgi.errors").bool(), Some(true));
+    // gunicorn 23's wsgi.early_hints is there (the hints are dropped: RFC 8297 allows it).
+    assert_eq!(j.get("early_hints").str(), Some("None"));
     assert!(
         !j.has("CONTENT_LENGTH") || j.get("CONTENT_LENGTH").str() == Some(""),
         "GET without body: {:?}",
@@ -1368,6 +1370,16 @@ fn requests_the_rfcs_refuse_get_a_clear_status_and_a_closed_connection() {
         ),
         ("* for GET", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
         (
+            "a target that is no path",
+            b"GET abc HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+        ),
+        (
+            "authority-form for GET",
+            b"GET example.com:80 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+            400,
+        ),
+        (
             "CONNECT to an origin server",
             b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
             501,
@@ -1382,12 +1394,17 @@ fn requests_the_rfcs_refuse_get_a_clear_status_and_a_closed_connection() {
         b"GET / HTTP/1.1\r\nHost: \r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: [::1]:8000\r\n\r\n",
         b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET http://a/env HTTP/1.1\r\nHost: a\r\n\r\n",
     ] {
         let mut h = fx.srv.connect();
         h.send(ok);
         let r = h.read_response(false).expect("answer");
         assert_ne!(r.status, 400, "{}", String::from_utf8_lossy(ok));
         assert_ne!(r.status, 501, "{}", String::from_utf8_lossy(ok));
+        if ok.starts_with(b"GET http:") {
+            // absolute-form: the app sees the path
+            assert_eq!(r.json().get("PATH_INFO").str(), Some("/env"));
+        }
     }
     // Content-Length with Transfer-Encoding: read as chunked (the length is dropped), answered,
     // and the connection closed after it (RFC 9112 §6.3).

@@ -255,7 +255,16 @@ pub fn message_error<B>(req: &Request<B>) -> Option<StatusCode> {
     if req.method() == ::http::Method::CONNECT {
         return Some(StatusCode::NOT_IMPLEMENTED);
     }
-    if req.uri() == "*" && req.method() != ::http::Method::OPTIONS {
+    let uri = req.uri();
+    if uri == "*" {
+        if req.method() != ::http::Method::OPTIONS {
+            return Some(StatusCode::BAD_REQUEST);
+        }
+    } else if uri.scheme().is_none() && !uri.path().starts_with('/') {
+        // RFC 9112 §3.2: an origin server takes origin-form ("/path"), absolute-form
+        // ("http://host/path"), "*" for OPTIONS, and authority-form only for CONNECT (answered
+        // above). hyper also lets through "abc" or "host:80" for a GET, which would reach the app
+        // as an empty PATH_INFO (Flask serves "/" for it); gunicorn answers 400 too.
         return Some(StatusCode::BAD_REQUEST);
     }
     None

@@ -262,6 +262,15 @@ _sendfile = getattr(os, 'sendfile', None)
 # ------------------------------------------------------------------------------------------------
 # Request handling
 
+def _early_hints(headers):
+    """environ['wsgi.early_hints'] (gunicorn 23+): apps may call it with a list of (name, value)
+    to send a 103 Early Hints response ahead of the real one.  The hints are accepted and
+    dropped: RFC 8297 makes them advisory (a client must cope with never getting one), and the
+    master's HTTP server cannot send an interim response.  Provided so that code written for
+    gunicorn does not fail with a KeyError."""
+    return None
+
+
 def _script_name():
     """The app's mount point, as gunicorn takes it: SCRIPT_NAME from the environment ([app] env
     or the service's own, e.g. systemd's Environment=), without a trailing slash."""
@@ -903,6 +912,7 @@ def _serve(app, lsock, threads):
         'wsgi.run_once': False,
         'wsgi.input_terminated': True,
         'wsgi.file_wrapper': FileWrapper,
+        'wsgi.early_hints': _early_hints,
     }
     handlers = [_Handler(app, base_environ) for _ in range(threads)]
     _state.handlers = handlers

@@ -119,6 +119,7 @@ def app(environ, start_response):
         out["wsgi.version"] = list(environ.get("wsgi.version", ()))
         out["has_wsgi.input"] = "wsgi.input" in environ
         out["has_wsgi.errors"] = "wsgi.errors" in environ
+        out["early_hints"] = repr(environ["wsgi.early_hints"]([("Link", "</a.css>; rel=preload")]))
         return as_json(start_response, out)
 
     if path == "/big":
