@@ -194,18 +194,26 @@ struct LineFacts {
 struct Meter {
     metrics: Arc<Metrics>,
     queued_at: Option<Instant>,
-    holds_slot: bool,
+    slot: Option<SlotMeter>,
     done: AtomicBool,
 }
 
 impl Drop for Meter {
     fn drop(&mut self) {
-        if self.holds_slot {
-            self.metrics.slot_released();
-        }
         if !self.done.load(Ordering::Relaxed) {
             self.metrics.request_cancelled();
         }
+    }
+}
+
+/// One busy worker slot in the metrics, counted until this is dropped: with the record when the
+/// response is complete at once, or by whoever gives the slot back while the response is still
+/// on its way to the client (see [`AccessRecord::take_slot_meter`]).
+pub struct SlotMeter(Arc<Metrics>);
+
+impl Drop for SlotMeter {
+    fn drop(&mut self) {
+        self.0.slot_released();
     }
 }
 
@@ -213,7 +221,7 @@ impl AccessRecord {
     /// The request starts waiting for a worker slot.
     pub fn queue_enter(&mut self) {
         if let Some(m) = &mut self.meter {
-            if !m.holds_slot {
+            if m.slot.is_none() {
                 m.queued_at = Some(Instant::now());
             }
         }
@@ -224,9 +232,15 @@ impl AccessRecord {
         if let Some(m) = &mut self.meter {
             if let Some(t) = m.queued_at.take() {
                 m.metrics.slot_taken(t.elapsed());
-                m.holds_slot = true;
+                m.slot = Some(SlotMeter(m.metrics.clone()));
             }
         }
+    }
+
+    /// Hands the busy-slot count to whoever returns the slot: a streamed response's record
+    /// lives until the client has it all, but its slot may go back long before.
+    pub fn take_slot_meter(&mut self) -> Option<SlotMeter> {
+        self.meter.as_mut()?.slot.take()
     }
 }
 
@@ -303,7 +317,7 @@ impl AccessLog {
         let meter = inner.metrics.as_ref().map(|m| Meter {
             metrics: m.clone(),
             queued_at: None,
-            holds_slot: false,
+            slot: None,
             done: AtomicBool::new(false),
         });
         Some(AccessRecord {

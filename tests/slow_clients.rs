@@ -95,6 +95,60 @@ fn a_client_that_stops_reading_is_cut_after_the_timeout_and_the_worker_is_freed(
     assert!(line.contains("WARN"), "{line}");
 }
 
+/// A client connection with a 4 KiB receive buffer (set before connecting, so the window stays
+/// small): the kernel then holds little of a response it does not read.
+fn small_window_connect(port: u16) -> TcpStream {
+    use nix::sys::socket::{
+        connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, sockopt::RcvBuf, &4096).unwrap();
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(127, 0, 0, 1, port),
+    )
+    .unwrap();
+    TcpStream::from(fd)
+}
+
+/// The busy-slot metric counts worker slots, not responses: a streamed response still on its way
+/// to a client that does not read gave its slot back once the master had all of it, and the
+/// metric says the slot is idle (it used to count it busy until the client had the last byte).
+#[test]
+fn a_response_waiting_for_a_slow_client_does_not_count_as_a_busy_slot() {
+    let mport = free_port();
+    let fx = start_standard("busy_metric", |c| {
+        c.set("workers", "count", "1")
+            .set("workers", "keepalive", "60")
+            .set("", "metrics", &format!("\"127.0.0.1:{mport}\""))
+    });
+    let mut stalled = small_window_connect(fx.port);
+    stalled
+        .write_all(b"GET /big?stream=1&mib=3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    // With one worker, this answer means the slot came back (3 MiB fit the master's buffer).
+    assert_eq!(fx.srv.get("/pid").status, 200);
+    let metrics = Http::connect(mport)
+        .request("GET", "/metrics", &[], b"")
+        .text();
+    let slots: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("gte_worker_slots{"))
+        .collect();
+    assert!(
+        slots.contains(&"gte_worker_slots{state=\"busy\"} 0")
+            && slots.contains(&"gte_worker_slots{state=\"idle\"} 1"),
+        "{slots:?}"
+    );
+    drop(stalled);
+}
+
 #[test]
 fn thread_pool_variables_are_set_per_worker_unless_the_operator_set_them() {
     let cpus = std::thread::available_parallelism()

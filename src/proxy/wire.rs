@@ -46,8 +46,10 @@ async fn take_connected(
         if waited.is_some_and(|w| w >= CLIENT_CHECK_AFTER) && client_closed(client) {
             // It waited in the queue and its client has closed the connection meanwhile (a
             // client that timed out, nginx giving up): running it would only delay the requests
-            // behind it. nginx does the same (`proxy_ignore_client_abort off`).
-            tracing::info!(
+            // behind it. nginx does the same (`proxy_ignore_client_abort off`). Its access-log
+            // line (499) says so; at info level an overload would write one error-log line per
+            // abandoned request too.
+            tracing::debug!(
                 "the client closed the connection while its request waited for a worker; not sent"
             );
             shared.pool.release(slot);
@@ -339,12 +341,13 @@ fn respond(
     // as it writes (up to the queue's bound) and its slot returns at the end frame, however slowly
     // the client reads.
     slot.conn = None;
+    let slot_meter = record.as_mut().and_then(|r| r.take_slot_meter());
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let budget = Arc::new(tokio::sync::Semaphore::new(STREAM_BUFFER_BYTES));
     let pid = slot.worker.pid();
     tokio::spawn(pump(
         shared.clone(),
-        slot,
+        (slot, slot_meter),
         conn,
         chunks,
         timeout,
@@ -616,7 +619,9 @@ async fn queue_chunk(tx: &mut Queue, b: Bytes, timeout: std::time::Duration) -> 
 /// Moves a streamed response from the worker into the client's queue; returns the slot at the end.
 async fn pump(
     shared: Arc<Shared>,
-    slot: Slot,
+    // The slot's busy count in the metrics goes with it: dropped when the pump ends, which is
+    // when the slot goes back (or its worker is given up).
+    (slot, _slot_meter): (Slot, Option<crate::logging::SlotMeter>),
     mut conn: WireConn,
     pending: VecDeque<Bytes>,
     timeout: std::time::Duration,
