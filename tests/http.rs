@@ -1370,6 +1370,11 @@ fn requests_the_rfcs_refuse_get_a_clear_status_and_a_closed_connection() {
         ),
         ("* for GET", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
         (
+            "an expectation other than 100-continue",
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nExpect: 200-ok\r\nContent-Length: 2\r\n\r\nab",
+            417,
+        ),
+        (
             "a target that is no path",
             b"GET abc HTTP/1.1\r\nHost: a\r\n\r\n",
             400,

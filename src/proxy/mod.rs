@@ -183,6 +183,7 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
         StatusCode::BAD_REQUEST => "Bad Request\n",
         StatusCode::NOT_FOUND => "Not Found\n",
         StatusCode::REQUEST_TIMEOUT => "Request Timeout\n",
+        StatusCode::EXPECTATION_FAILED => "Expectation Failed\n",
         StatusCode::PAYLOAD_TOO_LARGE => "Payload Too Large\n",
         StatusCode::INTERNAL_SERVER_ERROR => "Internal Server Error\n",
         StatusCode::BAD_GATEWAY => "Bad Gateway\n",
@@ -254,6 +255,17 @@ pub fn message_error<B>(req: &Request<B>) -> Option<StatusCode> {
     }
     if req.method() == ::http::Method::CONNECT {
         return Some(StatusCode::NOT_IMPLEMENTED);
+    }
+    // RFC 9110 §10.1.1: an expectation other than 100-continue (which hyper answers) may get 417;
+    // gunicorn answers it so, rather than proceed as if it had been met.
+    for v in headers.get_all(header::EXPECT) {
+        if !v
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"100-continue")
+        {
+            return Some(StatusCode::EXPECTATION_FAILED);
+        }
     }
     let uri = req.uri();
     if uri == "*" {
