@@ -338,6 +338,7 @@ impl Master {
         if self.next_orphan_sweep <= now {
             self.next_orphan_sweep = now + ORPHAN_SWEEP_EVERY;
             self.reap_orphans();
+            release_free_memory();
         }
         if let Some((every, at)) = self.watchdog {
             if at <= now {
@@ -1529,4 +1530,21 @@ pub fn forward_signals(tx: UnboundedSender<Event>) -> std::io::Result<()> {
         });
     }
     Ok(())
+}
+
+/// Gives memory freed since the last call back to the system. After a burst (thousands of
+/// connections, big uploads) glibc keeps the freed pages, so the master's RSS would stay at its
+/// high-water mark for good; `malloc_trim` returns them. Off the runtime thread: it walks the heap.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static RUNNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !RUNNING.swap(true, Ordering::Relaxed) {
+            tokio::task::spawn_blocking(|| {
+                // SAFETY: malloc_trim only walks and releases glibc's own free lists.
+                unsafe { libc::malloc_trim(0) };
+                RUNNING.store(false, Ordering::Relaxed);
+            });
+        }
+    }
 }
