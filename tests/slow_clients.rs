@@ -85,14 +85,35 @@ fn a_client_that_stops_reading_is_cut_after_the_timeout_and_the_worker_is_freed(
             waited < Duration::from_secs(20),
             "{path}: a fast request waited {waited:?} behind the stalled client"
         );
+        // And the stalled client's connection is closed by the master (reset: the client's socket
+        // leaves ESTABLISHED), not left open with its buffered response.
+        let port = stalled.local_addr().unwrap().port();
+        wait_until(
+            "the stalled connection closed by the master",
+            Duration::from_secs(10),
+            || (tcp_state(port) != Some(0x01)).then_some(()),
+        );
         drop(stalled);
     }
     let line =
         fx.srv
             .wait_error_log_line("about the stalled client", Duration::from_secs(10), |l| {
-                l.contains("its connection is cut and the worker freed")
+                l.contains("its connection is closed and the worker freed")
             });
     assert!(line.contains("WARN"), "{line}");
+}
+
+/// The state (as in /proc/net/tcp: 1 established, 8 close-wait) of this host's loopback TCP
+/// socket whose local port is `port`.
+fn tcp_state(port: u16) -> Option<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let local = format!(":{port:04X} ");
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 3 && format!("{} ", f[1]).ends_with(&local))
+            .then(|| u8::from_str_radix(f[3], 16).ok())
+            .flatten()
+    })
 }
 
 /// A client connection with a 4 KiB receive buffer (set before connecting, so the window stays

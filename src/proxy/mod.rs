@@ -399,6 +399,7 @@ pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
     client: std::os::fd::RawFd,
+    cut: Arc<tokio::sync::Notify>,
     shared: Arc<Shared>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = std::time::Instant::now();
@@ -551,6 +552,7 @@ pub async fn handle(
             idempotent,
             head_request,
             client,
+            cut,
         },
     )
     .await)
@@ -670,10 +672,14 @@ async fn serve_connection(
     drop(settings);
     let svc_shared = shared.clone();
     let client = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+    // Notified to close this connection at once: a client that stopped reading a response.
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let svc_cut = cut.clone();
     let svc = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
+        let cut = svc_cut.clone();
         async move {
-            let mut r = handle(req, peer, client, shared.clone()).await?;
+            let mut r = handle(req, peer, client, cut, shared.clone()).await?;
             if shared.stopping.load(Ordering::Relaxed)
                 && r.status() != StatusCode::SWITCHING_PROTOCOLS
             {
@@ -694,6 +700,23 @@ async fn serve_connection(
     }
     tokio::select! {
         r = conn.as_mut() => log_refused(r, peer),
+        // Dropping the connection closes the socket and frees what was queued for it; with
+        // SO_LINGER 0 the close is a reset, so the unread response in the kernel's send queue is
+        // dropped too (a FIN would wait behind it for a client that does not read).
+        _ = cut.notified() => {
+            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            // SAFETY: `client` is this connection's socket, still open (`conn` owns it until it
+            // is dropped below); the option value is a valid `linger` of the size given.
+            unsafe {
+                libc::setsockopt(
+                    client,
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
+        }
         _ = stop.changed() => {
             // Closing an idle keep-alive connection at once races with a request the client may
             // be sending on it. Instead let it carry one more request (answered with

@@ -110,6 +110,27 @@ pub struct RequestInfo {
     pub head_request: bool,
     /// The client's socket, to notice a client that left while its request waited in the queue.
     pub client: RawFd,
+    /// Closes the client's connection (see `serve_connection`): for a client that stopped
+    /// reading a streamed response.
+    pub cut: Arc<tokio::sync::Notify>,
+}
+
+/// What one attempt at a request needs to know besides the slot, the connection and the record.
+struct Attempt<'a> {
+    /// The request may go to another worker if this one dies before answering it.
+    may_resend: bool,
+    /// It was sent ahead, behind another request on the same worker.
+    queued_behind: bool,
+    head_request: bool,
+    client: ClientEnd<'a>,
+}
+
+/// The client's side of a request, for a streamed response: its socket (to see whether it is
+/// still taking bytes) and the switch that closes its connection.
+#[derive(Clone, Copy)]
+struct ClientEnd<'a> {
+    fd: RawFd,
+    cut: &'a Arc<tokio::sync::Notify>,
 }
 
 /// Sends `request` (the `R` frame) and `body` to an idle bundled worker and returns the response.
@@ -125,6 +146,7 @@ pub async fn forward(
         idempotent,
         head_request,
         client,
+        cut,
     } = info;
     let mut resent = false;
     let mut message = Some((request, body));
@@ -149,17 +171,16 @@ pub async fn forward(
             // Its service time decides whether it may be sent requests ahead.
             slot.sent_at = Some(std::time::Instant::now());
         }
-        match exchange(
-            shared,
-            slot,
-            conn,
-            record,
-            timeout,
-            (may_resend, queued_behind),
+        let attempt = Attempt {
+            may_resend,
+            queued_behind,
             head_request,
-        )
-        .await
-        {
+            client: ClientEnd {
+                fd: client,
+                cut: &cut,
+            },
+        };
+        match exchange(shared, slot, conn, record, timeout, attempt).await {
             Exchange::Done(resp) => return resp,
             Exchange::Resend(r) => {
                 resent = true;
@@ -183,9 +204,14 @@ async fn exchange(
     conn: WireConn,
     record: Option<AccessRecord>,
     timeout: Option<std::time::Duration>,
-    (may_resend, queued_behind): (bool, bool),
-    head_request: bool,
+    attempt: Attempt<'_>,
 ) -> Exchange {
+    let Attempt {
+        may_resend,
+        queued_behind,
+        head_request,
+        client,
+    } = attempt;
     let timeout = timeout.unwrap_or(slot.worker.timeout);
     let mut deadline = Instant::now() + timeout;
 
@@ -242,7 +268,7 @@ async fn exchange(
         start,
         record,
         timeout,
-        head_request,
+        (head_request, client),
     ))
 }
 
@@ -255,7 +281,7 @@ fn respond(
     start: Bytes,
     mut record: Option<AccessRecord>,
     timeout: std::time::Duration,
-    head_request: bool,
+    (head_request, client): (bool, ClientEnd<'_>),
 ) -> Response<ProxyBody> {
     let (status, reason, mut headers) = match protocol::parse_start(&start) {
         Ok(x) => x,
@@ -356,6 +382,8 @@ fn respond(
             budget,
             declared,
             pid,
+            cut: client.cut.clone(),
+            client_fd: client.fd,
         },
     ));
     *resp.body_mut() = ProxyBody::Wire(Box::new(WireBody {
@@ -562,26 +590,39 @@ struct Queue {
     budget: Arc<tokio::sync::Semaphore>,
     declared: Declared,
     pid: u32,
+    /// Closes the client's connection (its queued chunks are freed with it).
+    cut: Arc<tokio::sync::Notify>,
+    /// The client's socket: bytes leaving its send queue are progress too.
+    client_fd: RawFd,
 }
 
 impl Queue {
     /// Queues the part of a chunk within the declared length, waiting while the budget is spent,
-    /// but no longer than `stall`: a client that reads nothing for that long would otherwise hold
-    /// the worker behind it for as long as it likes.
+    /// but not for ever: when the client takes nothing of what is queued for a whole `stall`, it
+    /// has stopped reading and would otherwise hold the worker behind it for as long as it likes.
+    /// (Any chunk the client takes in the meantime counts as progress and starts a new wait.)
     async fn send(&mut self, b: Bytes, stall: std::time::Duration) -> Queued {
         let Some(b) = self.declared.cut(b, self.pid) else {
             return Queued::Yes;
         };
         let n = ((b.len() + CHUNK_COST).min(STREAM_BUFFER_BYTES)) as u32;
-        let permit = match self.budget.clone().try_acquire_many_owned(n) {
-            Ok(p) => p,
-            Err(tokio::sync::TryAcquireError::Closed) => return Queued::ClientGone,
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                match tokio::time::timeout(stall, self.budget.clone().acquire_many_owned(n)).await {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(_)) => return Queued::ClientGone,
-                    Err(_) => return Queued::ClientStalled,
-                }
+        let permit = loop {
+            // Only this pump takes permits: more available means the client took a chunk. Or the
+            // kernel's send queue for the client shrank: it is reading, just slower than one
+            // chunk per `stall` (the socket is only reported writable again, so a chunk only
+            // taken, once about a third of a send buffer of up to 4 MiB has drained).
+            if self.tx.is_closed() {
+                return Queued::ClientGone;
+            }
+            let available = self.budget.available_permits();
+            let unsent = send_queue(self.client_fd);
+            match tokio::time::timeout(stall, self.budget.clone().acquire_many_owned(n)).await {
+                Ok(Ok(p)) => break p,
+                Ok(Err(_)) => return Queued::ClientGone,
+                Err(_) if self.tx.is_closed() => return Queued::ClientGone,
+                Err(_) if self.budget.available_permits() > available => continue,
+                Err(_) if send_queue(self.client_fd) < unsent => continue,
+                Err(_) => return Queued::ClientStalled,
             }
         };
         if self.tx.send(Ok((b, Some(permit)))).is_ok() {
@@ -595,10 +636,24 @@ impl Queue {
     }
 }
 
+/// Bytes in a socket's send queue, not yet acknowledged by the peer (`SIOCOUTQ`); 0 if unknown.
+fn send_queue(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: a read-only query on the client's socket, which the connection still holds (the
+    // caller has just seen the body's receiver alive); `n` is a valid c_int to write to.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    if r == 0 {
+        n.max(0) as usize
+    } else {
+        0
+    }
+}
+
 /// Queues one chunk for the client; true when the client is gone from now on. A client that
-/// stops reading is cut after `timeout` without progress (gunicorn's arbiter kills a sync worker
-/// stuck that long in `send()`); the pump then reads and drops the rest of the response, so the
-/// worker is free again as soon as the app is done.
+/// takes nothing for `timeout` while the buffer is full is cut: its connection is closed (what
+/// was queued for it is freed) and the pump reads and drops the rest of the response, so the
+/// worker is free again as soon as the app is done. (gunicorn's arbiter kills a sync worker stuck
+/// that long in `send()`; nginx's `send_timeout` closes such a client.)
 async fn queue_chunk(tx: &mut Queue, b: Bytes, timeout: std::time::Duration) -> bool {
     match tx.send(b, timeout).await {
         Queued::Yes => false,
@@ -607,10 +662,11 @@ async fn queue_chunk(tx: &mut Queue, b: Bytes, timeout: std::time::Duration) -> 
             tracing::warn!(
                 pid = tx.pid,
                 timeout_s = timeout.as_secs_f64(),
-                "the client read nothing of the response for the whole timeout with the \
-                 response buffer full; its connection is cut and the worker freed"
+                "the client took nothing of the response for the whole timeout with the \
+                 response buffer full; its connection is closed and the worker freed"
             );
             tx.fail("the client stopped reading");
+            tx.cut.notify_one();
             true
         }
     }
