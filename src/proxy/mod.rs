@@ -308,7 +308,10 @@ impl BodyBuf {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(0);
-            self.rest.reserve(announced.max(first.len() + data.len()));
+            // (At most 1 MiB up front: the length is only announced, and a client could announce
+            // 50 MiB and trickle; beyond that the buffer grows with what arrives.)
+            self.rest
+                .reserve(announced.min(1 << 20).max(first.len() + data.len()));
             self.rest.extend_from_slice(&first);
         }
         self.rest.extend_from_slice(&data);

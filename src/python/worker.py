@@ -274,7 +274,9 @@ def _early_hints(headers):
 def _script_name():
     """The app's mount point, as gunicorn takes it: SCRIPT_NAME from the environment ([app] env
     or the service's own, e.g. systemd's Environment=), without a trailing slash."""
-    return os.environ.get('SCRIPT_NAME', '').rstrip('/')
+    # As bytes, decoded latin-1 like every environ string (PEP 3333), so that a non-ASCII mount
+    # point compares equal to PATH_INFO, which carries the path's bytes the same way.
+    return os.environb.get(b'SCRIPT_NAME', b'').decode('latin-1').rstrip('/')
 
 
 def _mount(env, script_name):

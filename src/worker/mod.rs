@@ -57,6 +57,9 @@ pub struct WorkerInfo {
     busy: AtomicUsize,
     /// Moving average of its recent service times (request sent → response end), nanoseconds.
     service_ewma_ns: AtomicU64,
+    /// When it last finished a request or, idle before, was given one ([`clock_ns`]): a busy
+    /// worker that has not finished anything for long is serving a long request right now.
+    progress_ns: AtomicU64,
     /// Single-threaded with more slots than threads: a busy worker gets a request ahead only
     /// when it is fast (see the pool).
     pipelined: bool,
@@ -89,6 +92,7 @@ impl WorkerInfo {
             live_slots: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
             service_ewma_ns: AtomicU64::new(u64::MAX),
+            progress_ns: AtomicU64::new(0),
             pipelined: false,
             lane: std::sync::Mutex::new(std::sync::Weak::new()),
             connecting: tokio::sync::Mutex::new(()),
@@ -185,9 +189,13 @@ impl WorkerInfo {
     }
 
     /// Whether a request may wait behind the one this worker is serving: its recent requests
-    /// were all quick (a moving average under [`PIPELINE_MAX_SERVICE`]).
+    /// were all quick (a moving average under [`PIPELINE_MAX_SERVICE`]), and it has finished one
+    /// lately (within [`PIPELINE_STALE`]): a fast worker that is now in a long request (a stream,
+    /// a slow client) gets nothing more to queue behind it.
     pub fn is_fast(&self) -> bool {
         self.service_ewma_ns.load(Ordering::Relaxed) < PIPELINE_MAX_SERVICE.as_nanos() as u64
+            && clock_ns().saturating_sub(self.progress_ns.load(Ordering::Relaxed))
+                < PIPELINE_STALE.as_nanos() as u64
     }
 
     /// Folds one service time into the moving average (weight 1/8; the first sample sets it).
@@ -200,6 +208,7 @@ impl WorkerInfo {
             old - old / 8 + ns / 8
         };
         self.service_ewma_ns.store(new, Ordering::Relaxed);
+        self.progress_ns.store(clock_ns(), Ordering::Relaxed);
     }
 
     /// Tells the master something went wrong with this worker.
@@ -220,6 +229,18 @@ pub enum Conn {
 
 /// Service time under which a busy single-threaded worker may be sent a request ahead (pipelining).
 pub const PIPELINE_MAX_SERVICE: Duration = Duration::from_millis(2);
+
+/// A busy worker that has finished nothing for this long is in a long request: nothing is sent
+/// ahead to it, however fast its earlier requests were.
+pub const PIPELINE_STALE: Duration = Duration::from_millis(20);
+
+/// Nanoseconds on a monotonic clock private to this process.
+fn clock_ns() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
 
 /// The right to send one request to one worker.
 #[derive(Debug)]
@@ -248,7 +269,9 @@ impl Slot {
     pub fn mark_taken(&mut self) {
         if !self.taken {
             self.taken = true;
-            self.worker.busy.fetch_add(1, Ordering::Relaxed);
+            if self.worker.busy.fetch_add(1, Ordering::Relaxed) == 0 && self.worker.pipelined {
+                self.worker.progress_ns.store(clock_ns(), Ordering::Relaxed);
+            }
         }
     }
 
