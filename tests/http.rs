@@ -310,15 +310,15 @@ fn one_mib_streamed_response_without_length_is_intact() {
     assert_eq!(c.request("GET", "/", &[], b"").status, 200);
 }
 
-#[test]
-fn streamed_first_chunk_arrives_before_the_app_finishes() {
-    let fx = start_standard("stream_first_chunk", |c| c);
+/// Starts testapp's `/stream` (`extra` added to its query) and reads the 200 head, sent while the
+/// app waits for `gate/release`.
+fn open_gated_stream(fx: &Fx, extra: &str) -> (Http, std::path::PathBuf, Head) {
     let gate = fx.dir.join("gate");
     fs::create_dir_all(&gate).unwrap();
     let mut c = fx.srv.connect();
     c.send(&c.build(
         "GET",
-        &format!("/stream?dir={}", pct(gate.to_str().unwrap())),
+        &format!("/stream?dir={}{extra}", pct(gate.to_str().unwrap())),
         &[],
         b"",
     ));
@@ -326,6 +326,13 @@ fn streamed_first_chunk_arrives_before_the_app_finishes() {
         .read_head()
         .expect("response head while the app is still running");
     assert_eq!(head.status, 200);
+    (c, gate, head)
+}
+
+#[test]
+fn streamed_first_chunk_arrives_before_the_app_finishes() {
+    let fx = start_standard("stream_first_chunk", |c| c);
+    let (mut c, gate, head) = open_gated_stream(&fx, "");
     let mut framing = Http::body_framing(&head, false).unwrap();
     let mut got = Vec::new();
     while !got.ends_with(b"first-chunk\n") {
@@ -403,17 +410,7 @@ fn an_app_failing_mid_body_gives_a_500_or_a_cut_body_never_an_empty_reply() {
     eprintln!("{saw_500} of 12 answered 500 (the rest streamed, then cut)");
 
     // Deterministically streamed: the head and the first chunk are out before the app fails.
-    let gate = fx.dir.join("gate");
-    fs::create_dir_all(&gate).unwrap();
-    let mut c = fx.srv.connect();
-    c.send(&c.build(
-        "GET",
-        &format!("/stream?dir={}&fail=1", pct(gate.to_str().unwrap())),
-        &[],
-        b"",
-    ));
-    let head = c.read_head().expect("the head of the streamed response");
-    assert_eq!(head.status, 200);
+    let (mut c, gate, head) = open_gated_stream(&fx, "&fail=1");
     let mut framing = Http::body_framing(&head, false).unwrap();
     let first = c.read_piece(&mut framing).expect("first chunk");
     assert_eq!(first.as_deref(), Some(&b"first-chunk\n"[..]));

@@ -286,14 +286,23 @@ pub fn message_error<B>(req: &Request<B>) -> Option<StatusCode> {
 /// case, costs no copy); from the second on, the pieces are copied into one buffer. Each piece
 /// hyper hands over shares its read buffer, so keeping a thousand one-byte pieces would keep a
 /// thousand buffers: a 400 KB body sent in 1-byte segments had cost the master 930 MiB.
-#[derive(Default)]
 struct BodyBuf {
     first: Option<Bytes>,
     rest: bytes::BytesMut,
+    /// The Content-Length (0 if none), already checked against the limit.
+    announced: usize,
 }
 
 impl BodyBuf {
-    fn push(&mut self, data: Bytes, headers: &::http::HeaderMap) {
+    fn new(announced: usize) -> Self {
+        BodyBuf {
+            first: None,
+            rest: bytes::BytesMut::new(),
+            announced,
+        }
+    }
+
+    fn push(&mut self, data: Bytes) {
         if data.is_empty() {
             return;
         }
@@ -302,16 +311,11 @@ impl BodyBuf {
                 self.first = Some(data);
                 return;
             };
-            // The announced length (already checked against the limit) sizes the buffer once.
-            let announced = headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(0);
-            // (At most 1 MiB up front: the length is only announced, and a client could announce
-            // 50 MiB and trickle; beyond that the buffer grows with what arrives.)
+            // The announced length sizes the buffer once, but at most 1 MiB of it up front: it
+            // is only announced, and a client could announce 50 MiB and trickle; beyond that the
+            // buffer grows with what arrives.
             self.rest
-                .reserve(announced.min(1 << 20).max(first.len() + data.len()));
+                .reserve(self.announced.min(1 << 20).max(first.len() + data.len()));
             self.rest.extend_from_slice(&first);
         }
         self.rest.extend_from_slice(&data);
@@ -452,12 +456,13 @@ pub async fn handle(
     }
 
     // Refuse an announced oversized body before reading any of it.
+    let mut announced = 0;
     if let Some(cl) = req.headers().get(header::CONTENT_LENGTH) {
         match cl.to_str().ok().and_then(|s| s.parse::<u64>().ok()) {
             Some(n) if n > settings.limit_request_body => {
                 return Ok(shared.reject_closing(StatusCode::PAYLOAD_TOO_LARGE, record));
             }
-            Some(_) => {}
+            Some(n) => announced = n as usize,
             None => return Ok(shared.reject(StatusCode::BAD_REQUEST, record)),
         }
     }
@@ -477,7 +482,7 @@ pub async fn handle(
     // Read the whole body first: a slow upload never holds a Python worker.
     let has_body = parts.headers.contains_key(header::CONTENT_LENGTH)
         || parts.headers.contains_key(header::TRANSFER_ENCODING);
-    let mut read = BodyBuf::default();
+    let mut read = BodyBuf::new(announced);
     let mut total: u64 = 0;
     if has_body {
         loop {
@@ -498,7 +503,7 @@ pub async fn handle(
                         if total > settings.limit_request_body {
                             return Ok(shared.reject_closing(StatusCode::PAYLOAD_TOO_LARGE, record));
                         }
-                        read.push(data, &parts.headers);
+                        read.push(data);
                     }
                 }
                 Err(_) => return Ok(shared.reject(StatusCode::BAD_REQUEST, record)),

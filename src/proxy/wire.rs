@@ -394,7 +394,6 @@ fn respond(
         sent: 0,
         pid: Some(pid),
         done: false,
-        abort: false,
     }));
     resp
 }
@@ -607,10 +606,11 @@ impl Queue {
         };
         let n = ((b.len() + CHUNK_COST).min(STREAM_BUFFER_BYTES)) as u32;
         let permit = loop {
-            // Only this pump takes permits: more available means the client took a chunk. Or the
-            // kernel's send queue for the client shrank: it is reading, just slower than one
-            // chunk per `stall` (the socket is only reported writable again, so a chunk only
-            // taken, once about a third of a send buffer of up to 4 MiB has drained).
+            // Progress is either of two things. More permits available: the client took a chunk
+            // (only this pump takes permits). Or the kernel's send queue to the client shrank: it
+            // is reading, just slower than a chunk per `stall` (hyper takes the next chunk only
+            // once the socket is writable again, after about a third of a send buffer of up to
+            // 4 MiB has drained).
             if self.tx.is_closed() {
                 return Queued::ClientGone;
             }
@@ -684,9 +684,6 @@ async fn pump(
     mut tx: Queue,
 ) {
     let mut client_gone = false;
-    // A client that stops reading is cut after `timeout` without progress (gunicorn's arbiter
-    // kills a sync worker stuck that long in send()); the rest of the response is then read and
-    // dropped, so that the worker is free again as soon as the app is done.
     for b in pending {
         if !client_gone && queue_chunk(&mut tx, b, timeout).await {
             client_gone = true;
@@ -760,8 +757,6 @@ pub struct WireBody {
     sent: u64,
     pid: Option<u32>,
     done: bool,
-    /// End the client's body with an error (the connection is cut).
-    abort: bool,
 }
 
 impl WireBody {
@@ -779,13 +774,6 @@ impl WireBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<BodyFrame<Bytes>, BoxError>>> {
-        if self.abort {
-            self.abort = false;
-            self.done = true;
-            return Poll::Ready(Some(Err(
-                "the application failed while streaming the response".into(),
-            )));
-        }
         if self.done {
             return Poll::Ready(None);
         }
