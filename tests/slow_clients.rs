@@ -358,3 +358,116 @@ fn a_request_whose_client_left_while_queued_is_not_run() {
         |l| l.contains("/block") && l.contains("\" 499 "),
     );
 }
+
+/// Starts `/endless` (an event stream that never ends by itself) on a raw connection and reads
+/// until a few ticks have come.
+fn open_endless(port: u16, dir: &std::path::Path) -> TcpStream {
+    use std::io::Read;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let path = format!("/endless?dir={}", pct(dir.to_str().unwrap()));
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("tick 3\n") {
+        let n = s.read(&mut buf).expect("the stream's first ticks");
+        assert!(
+            n > 0,
+            "the stream ended early: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    s
+}
+
+/// A client that leaves an endless streamed response (an event stream, a token generator) ends
+/// it: the master closes its connection to the worker, the app's next write fails, the worker
+/// closes the generator (its `finally` runs, as under gunicorn when the write to a gone client
+/// fails) and the same worker serves the next request. Before, the master read the stream on for
+/// as long as the app produced it and the worker was lost to it. A single-threaded worker (its
+/// requests share one pipelined connection) and a threaded one.
+#[test]
+fn a_client_leaving_an_endless_stream_ends_it_and_frees_the_worker() {
+    for threads in ["1", "4"] {
+        let fx = start_standard(&format!("leave_stream_{threads}"), |c| {
+            c.set("workers", "count", "1")
+                .set("workers", "threads", threads)
+        });
+        let pid = fx.srv.get("/pid").text();
+        let d = fx.dir.join("events");
+        std::fs::create_dir_all(&d).unwrap();
+        let client = open_endless(fx.port, &d);
+        drop(client);
+        let closed = wait_until(
+            "the app's generator to be closed",
+            Duration::from_secs(15),
+            || std::fs::read_to_string(d.join("closed")).ok(),
+        );
+        assert!(closed.starts_with("closed after"), "{closed}");
+        // The worker is free (one worker: this would wait behind the stream otherwise) and the
+        // same process: nothing was killed.
+        let t0 = Instant::now();
+        let r = fx.srv.get("/pid");
+        assert_eq!(r.status, 200, "threads={threads}: {}", fx.srv.diagnostics());
+        assert_eq!(r.text(), pid, "threads={threads}: the worker was replaced");
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        let log = fx.srv.error_log();
+        assert!(
+            !log.contains("ERROR"),
+            "threads={threads}: a client leaving is not an error: {log}"
+        );
+    }
+}
+
+/// A reload (SIGHUP) retires the old workers, which finish what they serve; graceful_timeout
+/// bounds that, as the man page says (and as gunicorn force-kills workers still alive that long
+/// after a restart signal): a worker serving an endless stream to a client that stays is killed
+/// then and its client's response ends. Before, the retiring worker lived for as long as the
+/// stream did.
+#[test]
+fn a_retiring_worker_serving_an_endless_stream_is_stopped_after_graceful_timeout() {
+    use std::io::Read;
+    let fx = start_standard("retire_endless", |c| {
+        c.set("workers", "count", "1")
+            .set("workers", "graceful_timeout", "2")
+    });
+    let old = fx.srv.get("/pid").text();
+    let d = fx.dir.join("events");
+    std::fs::create_dir_all(&d).unwrap();
+    let mut client = open_endless(fx.port, &d);
+    fx.srv.signal(1); // SIGHUP
+                      // The new worker serves meanwhile.
+    let new = wait_until("a new worker to serve", Duration::from_secs(20), || {
+        let r = fx.srv.get("/pid");
+        (r.status == 200 && r.text() != old).then(|| r.text())
+    });
+    assert_ne!(new, old);
+    let old_pid: u32 = old.trim().parse().unwrap();
+    let t0 = Instant::now();
+    wait_until(
+        "the retiring worker to be stopped",
+        Duration::from_secs(20),
+        || (!pid_alive(old_pid)).then_some(()),
+    );
+    // The stream's client sees its response end (a cut chunked body: no final chunk).
+    let mut buf = [0u8; 4096];
+    let mut tail = Vec::new();
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => tail.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(
+        !String::from_utf8_lossy(&tail).ends_with("0\r\n\r\n"),
+        "the cut stream must not look complete"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(15));
+    fx.srv.wait_error_log_line(
+        "the warning about the retiring worker",
+        Duration::from_secs(10),
+        |l| l.contains("graceful_timeout") && l.contains("WARN"),
+    );
+}

@@ -370,11 +370,22 @@ impl Master {
             .collect();
         for id in overdue {
             if let Some(w) = self.workers.get_mut(&id) {
-                tracing::warn!(
-                    worker = id,
-                    pid = w.info.pid(),
-                    "worker did not stop in time: SIGKILL"
-                );
+                if w.state == WorkerState::Draining {
+                    tracing::warn!(
+                        worker = id,
+                        pid = w.info.pid(),
+                        busy = w.info.busy(),
+                        grace_s = self.cfg.workers.graceful_timeout.as_secs_f64(),
+                        "retiring worker still serving after graceful_timeout: SIGKILL (its open responses are cut)"
+                    );
+                    w.state = WorkerState::Stopping;
+                } else {
+                    tracing::warn!(
+                        worker = id,
+                        pid = w.info.pid(),
+                        "worker did not stop in time: SIGKILL"
+                    );
+                }
                 w.kill_at = None;
                 signal_worker(w.info.pid(), Signal::SIGKILL);
             }
@@ -446,7 +457,7 @@ impl Master {
                     .get(&id)
                     .is_some_and(|w| w.state == WorkerState::Draining)
                 {
-                    self.stop_process(id, Signal::SIGTERM, self.cfg.workers.graceful_timeout);
+                    self.stop_draining(id);
                 }
             }
         }
@@ -1112,10 +1123,29 @@ impl Master {
             "retiring worker"
         );
         self.shared.pool.purge(id);
+        // What it has in flight must be over within graceful_timeout (gunicorn kills the workers
+        // still alive that long after a restart signal): else an endless stream would keep an
+        // old worker for good.
+        let deadline = Instant::now() + self.cfg.workers.graceful_timeout;
+        w.kill_at = Some(deadline);
         if drained {
-            self.stop_process(id, Signal::SIGTERM, self.cfg.workers.graceful_timeout);
+            self.stop_draining(id);
         }
         self.update_ready_count();
+    }
+
+    /// A retiring worker has nothing in flight any more: SIGTERM, with what is left of its
+    /// graceful_timeout (at least a second to exit) before the SIGKILL.
+    fn stop_draining(&mut self, id: WorkerId) {
+        let now = Instant::now();
+        let left = self
+            .workers
+            .get(&id)
+            .and_then(|w| w.kill_at)
+            .map_or(self.cfg.workers.graceful_timeout, |k| {
+                k.saturating_duration_since(now)
+            });
+        self.stop_process(id, Signal::SIGTERM, left.max(Duration::from_secs(1)));
     }
 
     fn stop_process(&mut self, id: WorkerId, sig: Signal, grace: Duration) {

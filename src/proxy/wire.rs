@@ -215,8 +215,8 @@ async fn exchange(
     let timeout = timeout.unwrap_or(slot.worker.timeout);
     let mut deadline = Instant::now() + timeout;
 
-    // If the client goes away while the worker works, the guard drains the answer in the
-    // background and returns the slot only when the worker is idle again.
+    // If the client goes away while the worker works, the guard gives the answer up in the
+    // background (see `give_up`) and returns the slot only when the worker is idle again.
     let mut inflight = InFlight {
         shared,
         parts: Some((slot, conn)),
@@ -499,7 +499,7 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if let Some((slot, conn)) = self.parts.take() {
             let timeout = slot.worker.timeout;
-            tokio::spawn(drain(self.shared.clone(), slot, conn, timeout));
+            tokio::spawn(give_up(self.shared.clone(), slot, conn, timeout));
         }
     }
 }
@@ -651,8 +651,8 @@ fn send_queue(fd: RawFd) -> usize {
 
 /// Queues one chunk for the client; true when the client is gone from now on. A client that
 /// takes nothing for `timeout` while the buffer is full is cut: its connection is closed (what
-/// was queued for it is freed) and the pump reads and drops the rest of the response, so the
-/// worker is free again as soon as the app is done. (gunicorn's arbiter kills a sync worker stuck
+/// was queued for it is freed) and the rest of the response is given up ([`give_up`]), so the
+/// worker is free again. (gunicorn's arbiter kills a sync worker stuck
 /// that long in `send()`; nginx's `send_timeout` closes such a client.)
 async fn queue_chunk(tx: &mut Queue, b: Bytes, timeout: std::time::Duration) -> bool {
     match tx.send(b, timeout).await {
@@ -673,32 +673,33 @@ async fn queue_chunk(tx: &mut Queue, b: Bytes, timeout: std::time::Duration) -> 
 }
 
 /// Moves a streamed response from the worker into the client's queue; returns the slot at the end.
+/// When the client is gone before the end, the rest of the response is given up (see
+/// [`give_up`]).
 async fn pump(
     shared: Arc<Shared>,
     // The slot's busy count in the metrics goes with it: dropped when the pump ends, which is
     // when the slot goes back (or its worker is given up).
     (slot, _slot_meter): (Slot, Option<crate::logging::SlotMeter>),
-    mut conn: WireConn,
+    conn: WireConn,
     pending: VecDeque<Bytes>,
     timeout: std::time::Duration,
     mut tx: Queue,
 ) {
-    let mut client_gone = false;
     for b in pending {
-        if !client_gone && queue_chunk(&mut tx, b, timeout).await {
-            client_gone = true;
+        if queue_chunk(&mut tx, b, timeout).await {
+            return give_up(shared, slot, conn, timeout).await;
         }
     }
+    let mut conn = conn;
     loop {
         match tokio::time::timeout(timeout, conn.next_frame()).await {
             Ok(Ok(Frame::Body(b))) => {
-                if !client_gone && queue_chunk(&mut tx, b, timeout).await {
-                    client_gone = true;
+                if queue_chunk(&mut tx, b, timeout).await {
+                    return give_up(shared, slot, conn, timeout).await;
                 }
             }
             Ok(Ok(Frame::End)) => {
-                // (Once the client is gone the queue no longer counts what the app sent.)
-                if !client_gone && tx.declared.short(tx.pid) {
+                if tx.declared.short(tx.pid) {
                     tx.fail(SHORT_BODY);
                 }
                 flush_then_finish(&shared, slot, conn, timeout).await;
@@ -803,7 +804,7 @@ impl WireBody {
 
 impl Drop for WireBody {
     fn drop(&mut self) {
-        // The client may have gone away mid-response; the pump drains the worker on its own.
+        // The client may have gone away mid-response; the pump sees it and gives the rest up.
         self.log();
     }
 }
@@ -833,10 +834,25 @@ async fn flush_then_finish(
     finish(shared, slot, conn);
 }
 
-/// Reads and discards the rest of a response, then returns the slot.
-async fn drain(shared: Arc<Shared>, slot: Slot, mut conn: WireConn, timeout: std::time::Duration) {
+/// The client has left before the end of its response. The app's work for it is stopped when
+/// that harms no other request ([`WireConn::abandon`]: the connection is closed, the worker's
+/// next send fails and it calls the iterable's `close()` — an endless event stream or a token
+/// generator would otherwise keep its worker for as long as it runs); else the rest of the
+/// response is read and dropped. Either way the slot goes back only once the worker is free for
+/// the next request (it answers a ping, or the end frame came), within `timeout`; a worker that
+/// is not is treated as timed out.
+async fn give_up(
+    shared: Arc<Shared>,
+    slot: Slot,
+    mut conn: WireConn,
+    timeout: std::time::Duration,
+) {
     let mut deadline = Instant::now() + timeout;
     loop {
+        if conn.abandon() {
+            drop(conn);
+            return ping_back(shared, slot, timeout).await;
+        }
         match tokio::time::timeout_at(deadline, conn.next_frame()).await {
             Ok(Ok(Frame::Start(_))) | Ok(Ok(Frame::Body(_))) => deadline = Instant::now() + timeout,
             Ok(Ok(Frame::End)) | Ok(Ok(Frame::Abort(_))) => {
@@ -855,6 +871,40 @@ async fn drain(shared: Arc<Shared>, slot: Slot, mut conn: WireConn, timeout: std
                     .report(Event::RequestTimedOut { id: slot.worker.id });
                 return;
             }
+        }
+    }
+}
+
+/// After a response was given up: returns the slot, with a new connection, once the worker
+/// answers a ping on it (a single-threaded worker accepts it only when the given-up request is
+/// over).
+async fn ping_back(shared: Arc<Shared>, mut slot: Slot, timeout: std::time::Duration) {
+    let answer = tokio::time::timeout(timeout, async {
+        let mut c = slot.wire_conn().await.map_err(WireError::Io)?;
+        c.begin(Bytes::copy_from_slice(&protocol::ping_frame()), []);
+        match c.next_frame().await? {
+            Frame::Pong => Ok(c),
+            f => Err(WireError::Protocol(format!(
+                "unexpected answer to ping: {f:?}"
+            ))),
+        }
+    })
+    .await;
+    match answer {
+        Ok(Ok(c)) => finish(&shared, slot, c),
+        Ok(Err(e)) => slot.worker.report(Event::WorkerMisbehaved {
+            id: slot.worker.id,
+            what: format!("after a response was given up: {e}"),
+        }),
+        Err(_) => {
+            tracing::error!(
+                worker = slot.worker.id,
+                pid = slot.worker.pid(),
+                timeout = ?timeout,
+                "the client left a response and the worker did not stop the app within the timeout: aborting the worker"
+            );
+            slot.worker
+                .report(Event::RequestTimedOut { id: slot.worker.id });
         }
     }
 }

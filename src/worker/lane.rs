@@ -325,6 +325,24 @@ impl WireConn {
         Poll::Ready(r)
     }
 
+    /// Gives up this request's response, if that can be done without harming another request:
+    /// when its response is the one being read and no request waits behind it, the connection is
+    /// closed (the worker's next send fails, which ends the app's response and calls its
+    /// `close()`, as a write to a gone client does under gunicorn) and true is returned. Else
+    /// nothing changes and false is returned.
+    pub fn abandon(&mut self) -> bool {
+        let Some((t, _)) = self.ticket else {
+            return false;
+        };
+        let mut st = self.lane.lock();
+        if st.broken.is_none() && (st.head != t || st.next != t + 1) {
+            return false;
+        }
+        st.break_with("the response was given up (its client left)");
+        self.ticket = None;
+        true
+    }
+
     /// This request's response has ended cleanly: the next ticket may read.
     pub fn done(&mut self) {
         let Some((t, _)) = self.ticket.take() else {

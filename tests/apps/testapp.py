@@ -12,6 +12,8 @@ Routes (anything else is 404):
                      raises after them; &nolen=1 declares no Content-Length
   /stream?dir=D      yields "first-chunk\n", waits (bounded) for the file D/release, then yields
                      "released\n" (or "timed-out\n"); &fail=1 raises instead
+  /endless?dir=D     an event stream: "tick N\n" every 20 ms for up to 60 s; when the
+                     generator is closed early, writes D/closed ("closed after N ticks")
   /block?dir=D       writes D/started (its pid), waits (bounded) for D/release, answers
                      "released <pid>" (or "timed-out <pid>")
   /slow?ms=N         sleeps N ms, answers its pid
@@ -85,6 +87,21 @@ def stream(d, fail=False):
     if fail:
         raise RuntimeError("fixture failure mid-stream")
     yield b"released\n" if released else b"timed-out\n"
+
+
+def endless(d):
+    n = 0
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            yield b"tick %d\n" % n
+            n += 1
+            time.sleep(0.02)
+    finally:
+        if time.monotonic() < deadline:
+            with open(os.path.join(d, "closed.tmp"), "w") as f:
+                f.write("closed after %d ticks" % n)
+            os.rename(os.path.join(d, "closed.tmp"), os.path.join(d, "closed"))
 
 
 def big_stream(times=1):
@@ -162,6 +179,10 @@ def app(environ, start_response):
     if path == "/stream":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return stream(q["dir"], bool(q.get("fail")))
+
+    if path == "/endless":
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        return endless(q["dir"])
 
     if path == "/block":
         d = q["dir"]
