@@ -1570,3 +1570,169 @@ fn a_head_hyper_cannot_parse_gets_400_and_a_warning_in_the_error_log() {
     // A sound request on a new connection is served.
     assert_eq!(fx.srv.get("/").status, 200);
 }
+
+/// PEP 3333, checked by the standard library's own checker: an app wrapped in
+/// `wsgiref.validate.validator` (warnings made errors) serves every usual request shape — GET,
+/// HEAD, OPTIONS *, absolute-form, a percent-encoded path, bodies with Content-Length or chunked,
+/// read by read(n) or readline, list / generator / write() / file_wrapper answers — without a
+/// single assertion, on a single-threaded pipelined worker, a threaded one, and under a
+/// SCRIPT_NAME mount. (`OPTIONS *` has an empty PATH_INFO: the validator, like PEP 3333, wants a
+/// PATH_INFO that is empty or starts with '/'; RAW_URI keeps the '*'.)
+/// method, target, headers, body, the start of the expected answer.
+type ValidatedCase<'a> = (&'a str, String, &'a [(&'a str, &'a str)], &'a [u8], String);
+
+#[test]
+fn the_pep_3333_validator_finds_nothing_wrong() {
+    for (name, threads, mount) in [
+        ("pep3333_sync", "1", ""),
+        ("pep3333_threads", "4", ""),
+        ("pep3333_mount", "1", "/mnt"),
+    ] {
+        let dir = TestDir::new(name);
+        let port = free_port();
+        let app = dir.install_app(&["validated.py"]);
+        let mut conf = Conf::standard(&dir, port)
+            .set("app", "wsgi", &q("validated:app"))
+            .set("app", "chdir", &q(app.to_str().unwrap()))
+            .set("workers", "threads", threads);
+        if !mount.is_empty() {
+            conf = conf.set("app", "env", &format!("{{ SCRIPT_NAME = \"{mount}\" }}"));
+        }
+        let srv = Server::start(&dir, &conf);
+        let m = mount;
+        let chunked: &[(&str, &str)] = &[("Transfer-Encoding", "chunked")];
+        let cases: Vec<ValidatedCase> = vec![
+            (
+                "GET",
+                format!("{m}/list"),
+                &[],
+                b"",
+                format!("GET {m}|/list||{m}/list len=0"),
+            ),
+            (
+                "GET",
+                format!("{m}/list/a%20b?x=1&y"),
+                &[],
+                b"",
+                format!("GET {m}|/list/a b|x=1&y|{m}/list/a%20b?x=1&y len=0"),
+            ),
+            ("HEAD", format!("{m}/list"), &[], b"", String::new()),
+            (
+                "GET",
+                format!("{m}/gen"),
+                &[],
+                b"",
+                format!("GET {m}|/gen||{m}/gen len=0\ntwo\nthree\n"),
+            ),
+            (
+                "GET",
+                format!("{m}/write"),
+                &[],
+                b"",
+                format!("GET {m}|/write||{m}/write len=0"),
+            ),
+            (
+                "GET",
+                format!("{m}/file"),
+                &[],
+                b"",
+                format!("GET {m}|/file||{m}/file len=0"),
+            ),
+            (
+                "POST",
+                format!("{m}/list"),
+                &[],
+                b"hello",
+                format!("POST {m}|/list||{m}/list len=5"),
+            ),
+            (
+                "POST",
+                format!("{m}/read"),
+                &[],
+                b"line one\nline two\n",
+                format!("POST {m}|/read||{m}/read len=18"),
+            ),
+            (
+                "PUT",
+                format!("{m}/list"),
+                chunked,
+                b"5\r\nhello\r\n0\r\n\r\n",
+                format!("PUT {m}|/list||{m}/list len=5"),
+            ),
+            (
+                "POST",
+                format!("{m}/list"),
+                &[],
+                b"",
+                format!("POST {m}|/list||{m}/list len=0"),
+            ),
+            (
+                "DELETE",
+                format!("{m}/list"),
+                &[],
+                b"",
+                format!("DELETE {m}|/list||{m}/list len=0"),
+            ),
+            (
+                "GET",
+                format!("http://example.com{m}/list?q"),
+                &[],
+                b"",
+                format!("GET {m}|/list|q|http://example.com{m}/list?q len=0"),
+            ),
+        ];
+        let mut c = srv.connect();
+        for (method, path, headers, body, want) in &cases {
+            let r = c.request(method, path, headers, body);
+            assert_eq!(
+                r.status,
+                200,
+                "{name}: {method} {path}: {}\n{}",
+                r.text(),
+                srv.diagnostics()
+            );
+            if !want.is_empty() {
+                assert!(
+                    r.text().starts_with(want.as_str()),
+                    "{name}: {method} {path}: {:?}, want {want:?}",
+                    r.text()
+                );
+            }
+        }
+        if mount.is_empty() {
+            let r = c.request("OPTIONS", "*", &[], b"");
+            assert_eq!(
+                r.status,
+                200,
+                "{name}: OPTIONS *: {}\n{}",
+                r.text(),
+                srv.diagnostics()
+            );
+            assert!(
+                r.text().starts_with("OPTIONS |||* len=0"),
+                "{name}: {:?}",
+                r.text()
+            );
+        }
+        // One more on a fresh connection each, so the validator's wrappers are also collected
+        // (its check that close() was called runs when the iterable is garbage collected).
+        for _ in 0..3 {
+            assert_eq!(srv.get(&format!("{m}/gen")).status, 200);
+        }
+        srv.wait_error_log_line(
+            "the app's last wsgi.errors line",
+            Duration::from_secs(10),
+            |l| l.contains("validated app: GET"),
+        );
+        let log = srv.error_log();
+        for bad in [
+            "Traceback",
+            "AssertionError",
+            "WSGIWarning",
+            "Exception ignored",
+            "ERROR",
+        ] {
+            assert!(!log.contains(bad), "{name}: {bad} in the error log:\n{log}");
+        }
+    }
+}

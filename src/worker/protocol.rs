@@ -56,7 +56,12 @@ pub fn encode_request(out: &mut Vec<u8>, r: &RequestFacts<'_>) -> Result<(), Enc
 
     out.extend_from_slice(r.method.as_str().as_bytes());
     out.push(0);
-    let path = r.uri.path();
+    // The asterisk form (`OPTIONS *`) names the server, not a path: PATH_INFO is empty (PEP 3333
+    // wants it empty or starting with '/'; wsgiref's validator asserts so); RAW_URI keeps the '*'.
+    let path = match r.uri.path() {
+        "*" => "",
+        p => p,
+    };
     if !percent_decode_into(out, path.as_bytes()) {
         return Err(EncodeError::NulInPath);
     }
