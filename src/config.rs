@@ -183,6 +183,8 @@ pub struct RawConfig {
     pub limit_request_body: Option<Size>,
     pub limit_request_header: Option<Size>,
     pub limit_request_fields: Option<i64>,
+    pub limit_request_line: Option<i64>,
+    pub limit_request_field_size: Option<i64>,
     pub forwarded_allow_ips: Option<Vec<String>>,
     pub master_threads: Option<i64>,
     pub ready_path: Option<String>,
@@ -325,6 +327,10 @@ pub struct Config {
     pub limit_request_body: u64,
     pub limit_request_header: usize,
     pub limit_request_fields: usize,
+    /// Longest request line (method, target, version), 0 = no limit of its own.
+    pub limit_request_line: usize,
+    /// Longest header field ("Name: value"), 0 = no limit of its own.
+    pub limit_request_field_size: usize,
     pub forwarded_allow_ips: Vec<String>,
     /// Threads of the master's async runtime (1 = current-thread runtime).
     pub master_threads: usize,
@@ -589,6 +595,27 @@ impl RawConfig {
                 format!("must be 1..=32768, found {limit_request_fields}"),
             ));
         }
+        // gunicorn's per-line limits, with its defaults; 0 leaves only limit_request_header.
+        let per_line = |key: &str, v: Option<i64>, default: i64| {
+            let n = v.unwrap_or(default);
+            if n != 0 && !(64..=limit_request_header as i64).contains(&n) {
+                return Err(err(
+                    "",
+                    key,
+                    format!(
+                        "must be 0 (no limit of its own) or 64..={limit_request_header} \
+                         (limit_request_header), found {n}"
+                    ),
+                ));
+            }
+            Ok(n as usize)
+        };
+        let limit_request_line = per_line("limit_request_line", self.limit_request_line, 4094)?;
+        let limit_request_field_size = per_line(
+            "limit_request_field_size",
+            self.limit_request_field_size,
+            8190,
+        )?;
         let forwarded_allow_ips = self
             .forwarded_allow_ips
             .unwrap_or_else(|| vec!["127.0.0.1".into(), "::1".into()]);
@@ -924,6 +951,8 @@ impl RawConfig {
             limit_request_body,
             limit_request_header: limit_request_header as usize,
             limit_request_fields: limit_request_fields as usize,
+            limit_request_line,
+            limit_request_field_size,
             forwarded_allow_ips,
             master_threads: master_threads as usize,
             ready_path,
@@ -1059,6 +1088,11 @@ impl Config {
         line(
             "limit_request_fields",
             self.limit_request_fields.to_string(),
+        );
+        line("limit_request_line", self.limit_request_line.to_string());
+        line(
+            "limit_request_field_size",
+            self.limit_request_field_size.to_string(),
         );
         line(
             "forwarded_allow_ips",

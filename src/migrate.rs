@@ -1076,11 +1076,14 @@ fn uint_key(s: &mut Settings, out: &mut Out, gname: &str, key: &str, default: u6
     }
 }
 
-/// limit_request_line + limit_request_field_size -> limit_request_header; limit_request_fields.
+/// limit_request_line, limit_request_field_size, limit_request_fields as they are; when either
+/// per-line limit is set, limit_request_header to match gunicorn's bound on the whole head.
 fn request_limits(s: &mut Settings, out: &mut Out) {
     // gunicorn's caps (gunicorn/http/message.py): MAX_REQUEST_LINE, MAX_HEADERS.
     const MAX_LINE: u64 = 8190;
     const MAX_FIELDS: u64 = 32768;
+    // gte-supervisor's own cap on limit_request_header.
+    const MAX_HEAD: u64 = 16 << 20;
     fn read(s: &mut Settings, out: &mut Out, name: &str, default: u64) -> (u64, bool) {
         match s.take(name) {
             None => (default, false),
@@ -1103,28 +1106,42 @@ fn request_limits(s: &mut Settings, out: &mut Out) {
         fields
     };
 
-    if line_set || field_set {
-        if line == 0 || field == 0 {
-            out.comment(&format!(
-                "limit_request_line = {line}, limit_request_field_size = {field}: 0 means \
-                 unlimited in gunicorn;\ngte-supervisor always bounds the header block, so its \
-                 default limit_request_header (64KiB) applies. Raise it if needed."
-            ));
+    // The per-line limits carry over as they are (0 = no limit of its own, as gunicorn's
+    // "unlimited"; gunicorn never allows a request line over 8190 bytes; below 64 bytes nothing
+    // useful fits, so 64 is the floor here).
+    let line = if line == 0 {
+        0
+    } else {
+        line.clamp(64, MAX_LINE)
+    };
+    let field = if field == 0 { 0 } else { field.max(64) };
+    let per_line = |out: &mut Out, key: &str, v: u64, set: bool| {
+        if set {
+            out.kv(key, &v.to_string());
         } else {
-            let line = line.min(MAX_LINE);
-            let total = line.saturating_add(fields.saturating_mul(field));
-            out.comment(&format!(
-                "limit_request_header: gunicorn limited the request line to {line} bytes and each \
-                 of up to {fields} header fields to {field} bytes;\ngte-supervisor limits the \
-                 whole line + header block: {line} + {fields} x {field} = {total} bytes."
-            ));
-            out.kv("limit_request_header", &total.to_string());
+            out.kv_default(key, &v.to_string());
         }
+    };
+    per_line(out, "limit_request_line", line, line_set);
+    per_line(out, "limit_request_field_size", field, field_set);
+    if line_set || field_set {
+        // gunicorn's bound on the whole head is its field count times the field size; the
+        // default limit_request_header (64KiB) could refuse heads gunicorn took. (Its
+        // "unlimited" per-line values are 8190 bytes in that sum.)
+        let or_max = |v: u64| if v == 0 { MAX_LINE } else { v };
+        let (line, field) = (or_max(line), or_max(field));
+        let total = line
+            .saturating_add(fields.saturating_mul(field))
+            .clamp(8192, MAX_HEAD);
+        out.comment(&format!(
+            "limit_request_header: gunicorn limited the request line to {line} bytes and each \
+             of up to {fields} header fields to {field} bytes;\nthe whole line + header block \
+             is bounded to match: {line} + {fields} x {field} = {total} bytes (at most 16MiB)."
+        ));
+        out.kv("limit_request_header", &total.to_string());
     } else {
         out.comment(
-            "limit_request_header: gunicorn limits the request line (4094 bytes) and each header \
-             field (8190 bytes) separately;\ngte-supervisor limits the whole block, its default \
-             (64KiB) applies.",
+            "limit_request_header: the whole line + header block; its default (64KiB) applies.",
         );
     }
     if fields_set {
@@ -1643,6 +1660,8 @@ mod tests {
         assert_eq!(b("daemon"), Some(true));
         assert_eq!(i("backlog"), Some(2048));
         assert_eq!(i("limit_request_fields"), Some(100));
+        assert_eq!(i("limit_request_line"), Some(4094));
+        assert_eq!(i("limit_request_field_size"), Some(8190));
         assert!(get(&doc, "limit_request_header").is_none());
         assert_eq!(s("app.wsgi").as_deref(), Some("app:app"));
         assert_eq!(s("app.chdir").as_deref(), Some("/work/shared/reference"));
@@ -1688,6 +1707,8 @@ mod tests {
             "limit_request_body",
             "limit_request_header",
             "limit_request_fields",
+            "limit_request_line",
+            "limit_request_field_size",
             "forwarded_allow_ips",
             "app",
             "workers",
@@ -1832,6 +1853,14 @@ mod tests {
         assert_eq!(
             get(&doc, "limit_request_fields").and_then(|v| v.as_integer()),
             Some(50)
+        );
+        assert_eq!(
+            get(&doc, "limit_request_line").and_then(|v| v.as_integer()),
+            Some(8190)
+        );
+        assert_eq!(
+            get(&doc, "limit_request_field_size").and_then(|v| v.as_integer()),
+            Some(16380)
         );
         assert_eq!(s("log.level").as_deref(), Some("error"));
         assert_eq!(s("log.access").as_deref(), Some("-"));

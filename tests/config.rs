@@ -126,6 +126,27 @@ fn bad_size_is_rejected() {
 }
 
 #[test]
+fn a_per_line_limit_over_the_head_limit_is_rejected() {
+    let body = VALID.replace("pidfile =", "limit_request_line = 100000\npidfile =");
+    let (_d, out, text) = expect_invalid("line_limit", &body);
+    assert_names(
+        &out,
+        &text,
+        "limit_request_line = 100000",
+        "limit_request_line",
+    );
+    assert!(out.all().contains("limit_request_header"), "{}", out.all());
+    let body = VALID.replace("pidfile =", "limit_request_field_size = 10\npidfile =");
+    let (_d, out, text) = expect_invalid("field_limit", &body);
+    assert_names(
+        &out,
+        &text,
+        "limit_request_field_size = 10",
+        "limit_request_field_size",
+    );
+}
+
+#[test]
 fn bad_duration_is_rejected() {
     let body = VALID.replace("count = 2\n", "count = 2\ntimeout = \"2 fortnights\"\n");
     let (_d, out, text) = expect_invalid("bad_duration", &body);

@@ -1551,6 +1551,58 @@ fn a_head_over_limit_request_header_gets_431_and_a_closed_connection() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// gunicorn's per-line limits carry over, with its defaults: a request line over
+/// `limit_request_line` (4094) gets 414 URI Too Long (RFC 9112 §3; gunicorn says 400), a header
+/// field over `limit_request_field_size` (8190) gets 431, and the connection is closed; lines
+/// at the limit reach the app. 0 leaves only `limit_request_header`, as 0 is "unlimited" in
+/// gunicorn.
+#[test]
+fn gunicorn_s_request_line_and_field_size_limits_give_414_and_431() {
+    let fx = start_standard("line_limits", |c| c);
+    // "GET " + target + " HTTP/1.1" is the request line: 4094 bytes exactly with this target.
+    let target_at = |line: usize| format!("/{}", "a".repeat(line - "GET / HTTP/1.1".len()));
+    let request = |target: &str, field: usize| {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+            "v".repeat(field - "X-Big: ".len())
+        )
+        .into_bytes()
+    };
+    for (what, bytes, status) in [
+        (
+            "a request line of 4095 bytes",
+            request(&target_at(4095), 100),
+            414,
+        ),
+        ("a header field of 8191 bytes", request("/", 8191), 431),
+    ] {
+        assert_refused_and_closed(&fx, what, &bytes, status);
+    }
+    let mut h = fx.srv.connect();
+    h.send(&request(&target_at(4094), 8190));
+    let r = h.read_response(false).expect("answer");
+    assert_eq!(
+        r.status,
+        404,
+        "both at their limits reach the app: {}",
+        r.text()
+    );
+
+    let fx = start_standard("line_limits_off", |c| {
+        c.set("", "limit_request_line", "0")
+            .set("", "limit_request_field_size", "0")
+    });
+    let mut h = fx.srv.connect();
+    h.send(&request(&target_at(20_000), 30_000));
+    let r = h.read_response(false).expect("answer");
+    assert_eq!(
+        r.status,
+        404,
+        "0: only limit_request_header applies: {}",
+        r.text()
+    );
+}
+
 #[test]
 fn a_head_hyper_cannot_parse_gets_400_and_a_warning_in_the_error_log() {
     // No request exists for the access log; the error log names the client, as gunicorn's

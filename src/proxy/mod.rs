@@ -44,6 +44,8 @@ pub struct Settings {
     pub body_timeout: Duration,
     pub limit_request_header: usize,
     pub limit_request_fields: usize,
+    pub limit_request_line: usize,
+    pub limit_request_field_size: usize,
     /// Per-path-prefix timeouts, longest prefix first.
     pub path_timeouts: Vec<(String, Duration)>,
     /// False when there is no `[app]`: only routes are served.
@@ -75,6 +77,8 @@ impl Settings {
             body_timeout: cfg.workers.timeout,
             limit_request_header: cfg.limit_request_header,
             limit_request_fields: cfg.limit_request_fields,
+            limit_request_line: cfg.limit_request_line,
+            limit_request_field_size: cfg.limit_request_field_size,
             path_timeouts: cfg.workers.path_timeouts.clone(),
             pool: cfg.pool,
             routes: cfg
@@ -353,23 +357,36 @@ fn forwarded_scheme(headers: &::http::HeaderMap) -> Result<bool, ()> {
     Ok(said.unwrap_or(false))
 }
 
-/// Whether the request line and header block, as they were on the wire, exceed `limit` bytes.
-/// hyper's `max_buf_size` only bounds its read buffer, which grows in steps and is checked only
-/// while the head is incomplete, so a head of up to about twice the limit would get through.
-/// (Counted from the parsed request: method, target, version and one `name: value` line per
-/// field; optional whitespace around values is not counted, so this never overcounts.)
-pub fn head_too_large<B>(req: &Request<B>, limit: usize) -> bool {
+/// The status for a request head over the configured limits, as it was on the wire: 414 when
+/// the request line is longer than `limit_request_line`, 431 when a header field line is longer
+/// than `limit_request_field_size` or the whole head longer than `limit_request_header` (a 0
+/// per-line limit is none). hyper's `max_buf_size` only bounds its read buffer, which grows in
+/// steps and is checked only while the head is incomplete, so a head of up to about twice the
+/// limit would get through. (Counted from the parsed request: method, target, version and one
+/// `name: value` line per field, without CRLF; optional whitespace around values is not counted,
+/// so this never overcounts.)
+pub fn head_over_limits<B>(req: &Request<B>, settings: &Settings) -> Option<StatusCode> {
     let uri = req.uri();
     let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
         + uri.authority().map_or(0, |a| a.as_str().len())
         + uri.path_and_query().map_or(0, |p| p.as_str().len());
-    let line = req.method().as_str().len() + 1 + target + 11;
-    let fields: usize = req
-        .headers()
-        .iter()
-        .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
-        .sum();
-    line + fields + 2 > limit
+    let line = req.method().as_str().len() + 1 + target + 9;
+    if settings.limit_request_line > 0 && line > settings.limit_request_line {
+        return Some(StatusCode::URI_TOO_LONG);
+    }
+    let field_limit = match settings.limit_request_field_size {
+        0 => usize::MAX,
+        n => n,
+    };
+    let mut head = line + 2 + 2;
+    for (n, v) in req.headers() {
+        let field = n.as_str().len() + 2 + v.len();
+        if field > field_limit {
+            return Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        }
+        head += field + 2;
+    }
+    (head > settings.limit_request_header).then_some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
 }
 
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2), or empty: registered-name and IP-literal
@@ -449,10 +466,12 @@ pub async fn handle(
         return Ok(shared.reject_closing(status, record));
     }
 
-    // The limit hyper enforces only roughly (see `head_too_large`): 431, as nginx and gunicorn
-    // answer an oversized head, and the connection closed.
-    if head_too_large(&req, settings.limit_request_header) {
-        return Ok(shared.reject_closing(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, record));
+    // The limits hyper enforces only roughly or not at all (see `head_over_limits`): 414 for a
+    // request line over limit_request_line (RFC 9112 §3, as nginx), 431 for a header field over
+    // limit_request_field_size or a head over limit_request_header (as gunicorn and nginx); the
+    // connection is closed.
+    if let Some(status) = head_over_limits(&req, &settings) {
+        return Ok(shared.reject_closing(status, record));
     }
 
     // Refuse an announced oversized body before reading any of it.
