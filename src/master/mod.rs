@@ -375,8 +375,7 @@ impl Master {
                         worker = id,
                         pid = w.info.pid(),
                         busy = w.info.busy(),
-                        grace_s = self.cfg.workers.graceful_timeout.as_secs_f64(),
-                        "retiring worker still serving after graceful_timeout: SIGKILL (its open responses are cut)"
+                        "retiring worker still serving after graceful_timeout (or the longest request timeout): SIGKILL (its open responses are cut)"
                     );
                     w.state = WorkerState::Stopping;
                 } else {
@@ -1123,11 +1122,18 @@ impl Master {
             "retiring worker"
         );
         self.shared.pool.purge(id);
-        // What it has in flight must be over within graceful_timeout (gunicorn kills the workers
-        // still alive that long after a restart signal): else an endless stream would keep an
-        // old worker for good.
-        let deadline = Instant::now() + self.cfg.workers.graceful_timeout;
-        w.kill_at = Some(deadline);
+        // What it has in flight must be over within graceful_timeout (gunicorn's documented
+        // bound after a restart signal), or within the longest request timeout if that is longer
+        // (a request within its own timeout is never cut by a reload or a recycle): else an
+        // endless stream, which no request timeout bounds, would keep an old worker for good.
+        let longest = self
+            .cfg
+            .workers
+            .path_timeouts
+            .iter()
+            .map(|(_, d)| *d)
+            .fold(self.cfg.workers.timeout, Duration::max);
+        w.kill_at = Some(Instant::now() + self.cfg.workers.graceful_timeout.max(longest));
         if drained {
             self.stop_draining(id);
         }
