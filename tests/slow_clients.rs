@@ -504,3 +504,57 @@ fn a_retiring_worker_is_stopped_after_its_in_flight_requests_or_the_grace_period
         |l| l.contains("retiring worker still serving") && l.contains("WARN"),
     );
 }
+
+/// The same with requests sent ahead to the worker behind the stream (pipelining; a worker
+/// that is fast gets the next requests queued in its socket): when the stream's client leaves,
+/// the stream is still ended and the requests behind it, never read by the worker, go to a
+/// worker again instead of waiting for the stream to end. Before, the master read the stream on
+/// (the requests behind needed the worker's answers in order), and they waited up to the app's
+/// own 60 s bound with the worker lost meanwhile.
+#[test]
+fn a_stream_given_up_with_requests_sent_ahead_behind_it_frees_them() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let fx = start_standard("give_up_behind", |c| c.set("workers", "count", "1"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    // Keeps the worker busy and fast: four pipelined requests at a time on one connection.
+    let hot = {
+        let (stop, done, port) = (stop.clone(), done.clone(), fx.port);
+        std::thread::spawn(move || {
+            let mut c = Http::connect(port);
+            c.set_read_timeout(Duration::from_secs(30));
+            while !stop.load(Ordering::Relaxed) {
+                let one = c.build("GET", "/pid", &[], b"");
+                c.send(&one.repeat(4));
+                for _ in 0..4 {
+                    let r = c.read_response(false).expect("a pipelined /pid answer");
+                    assert_eq!(r.status, 200);
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    wait_until("the load to run", Duration::from_secs(15), || {
+        (done.load(Ordering::Relaxed) >= 40).then_some(())
+    });
+    let d = fx.dir.join("events");
+    std::fs::create_dir_all(&d).unwrap();
+    let client = open_endless(fx.port, &d);
+    drop(client);
+    wait_until(
+        "the app's generator to be closed",
+        Duration::from_secs(15),
+        || std::fs::read_to_string(d.join("closed")).ok(),
+    );
+    // The load kept going (a request stuck behind the stream would stop it).
+    let before = done.load(Ordering::Relaxed);
+    wait_until("the load to go on", Duration::from_secs(10), || {
+        (done.load(Ordering::Relaxed) >= before + 40).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    hot.join().expect("every pipelined request answered 200");
+    let t0 = Instant::now();
+    assert_eq!(fx.srv.get("/pid").status, 200);
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}

@@ -84,7 +84,7 @@ async fn exchange_on(slot: &mut Slot, path: Option<&str>) -> Result<(), String> 
                 .map_err(|e| format!("connect: {e}"))?;
             match path {
                 None => {
-                    conn.begin(Bytes::copy_from_slice(&protocol::ping_frame()), []);
+                    conn.begin(Bytes::copy_from_slice(&protocol::ping_frame()), [], false);
                     match conn.next_frame().await {
                         Ok(Frame::Pong) => conn.done(),
                         Ok(f) => return Err(format!("unexpected answer to ping: {f:?}")),
@@ -115,7 +115,7 @@ async fn exchange_on(slot: &mut Slot, path: Option<&str>) -> Result<(), String> 
                     };
                     let mut frame = Vec::with_capacity(128);
                     protocol::encode_request(&mut frame, &facts).map_err(|e| format!("{e:?}"))?;
-                    conn.begin(Bytes::from(frame), []);
+                    conn.begin(Bytes::from(frame), [], false);
                     let mut status = None;
                     loop {
                         match conn.next_frame().await.map_err(|e| e.to_string())? {

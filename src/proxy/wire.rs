@@ -162,7 +162,7 @@ pub async fn forward(
         let kept = (idempotent && !resent && slot.worker.is_pipelined())
             .then(|| (request.clone(), body.clone()));
         // Sent ahead to a busy worker: it waits in the worker's socket behind another request.
-        let queued_behind = conn.begin(request, body);
+        let queued_behind = conn.begin(request, body, kept.is_some());
         if queued_behind {
             message = kept;
         }
@@ -249,6 +249,21 @@ async fn exchange(
                 &format!("expected a start frame, got {other:?}"),
                 record,
             ))
+        }
+        Ok(Err(WireError::GivenUp)) => {
+            // The response ahead of it was given up before its turn: the worker never read it
+            // and is not at fault. Another worker takes it if it may go to one; else the client
+            // is told it was not processed.
+            let mut slot = slot;
+            slot.conn = None;
+            shared.pool.release(slot);
+            if may_resend {
+                tracing::debug!(
+                    "the response ahead was given up; sending the request to another worker"
+                );
+                return Exchange::Resend(Box::new(record));
+            }
+            return Exchange::Done(shared.reject(StatusCode::SERVICE_UNAVAILABLE, record));
         }
         Ok(Err(e @ (WireError::Eof | WireError::Io(_)))) if may_resend => {
             tracing::warn!(worker = slot.worker.id, pid = slot.worker.pid(), error = %e, "the worker died with a request waiting behind another; sending that request to another worker");
@@ -837,26 +852,38 @@ async fn flush_then_finish(
 /// The client has left before the end of its response. The app's work for it is stopped when
 /// that harms no other request ([`WireConn::abandon`]: the connection is closed, the worker's
 /// next send fails and it calls the iterable's `close()` — an endless event stream or a token
-/// generator would otherwise keep its worker for as long as it runs); else the rest of the
-/// response is read and dropped. Either way the slot goes back only once the worker is free for
-/// the next request (it answers a ping, or the end frame came), within `timeout`; a worker that
-/// is not is treated as timed out.
+/// generator would otherwise keep its worker for as long as it runs; requests waiting behind it
+/// go to other workers). When a request that may not be sent twice waits behind it, the rest of
+/// the response is read and dropped instead, for at most `timeout`: then it is given up all the
+/// same (that request gets 503, never having reached the app). Either way the slot goes back
+/// only once the worker is free for the next request (it answers a ping, or the end frame came);
+/// a worker that sends nothing for `timeout` is treated as timed out.
 async fn give_up(
     shared: Arc<Shared>,
-    slot: Slot,
+    mut slot: Slot,
     mut conn: WireConn,
     timeout: std::time::Duration,
 ) {
-    let mut deadline = Instant::now() + timeout;
+    // Its turn first (a request sent ahead): the one in front is timed on its own.
+    std::future::poll_fn(|cx| conn.poll_turn(cx)).await;
+    let give_up_by = Instant::now() + timeout;
+    let mut deadline = give_up_by;
     loop {
-        if conn.abandon() {
+        if conn.abandon(Instant::now() >= give_up_by) {
             drop(conn);
             return ping_back(shared, slot, timeout).await;
         }
-        match tokio::time::timeout_at(deadline, conn.next_frame()).await {
+        match tokio::time::timeout_at(deadline.min(give_up_by), conn.next_frame()).await {
             Ok(Ok(Frame::Start(_))) | Ok(Ok(Frame::Body(_))) => deadline = Instant::now() + timeout,
             Ok(Ok(Frame::End)) | Ok(Ok(Frame::Abort(_))) => {
                 flush_then_finish(&shared, slot, conn, timeout).await;
+                return;
+            }
+            Ok(Err(WireError::GivenUp)) => {
+                // The response ahead was given up; its task pings the worker back.
+                drop(conn);
+                slot.conn = None;
+                shared.pool.release(slot);
                 return;
             }
             Ok(Ok(_)) | Ok(Err(_)) => {
@@ -866,6 +893,8 @@ async fn give_up(
                 });
                 return;
             }
+            // Read and dropped for `timeout`: give it up all the same (next round).
+            Err(_) if Instant::now() < deadline => {}
             Err(_) => {
                 slot.worker
                     .report(Event::RequestTimedOut { id: slot.worker.id });
@@ -881,7 +910,7 @@ async fn give_up(
 async fn ping_back(shared: Arc<Shared>, mut slot: Slot, timeout: std::time::Duration) {
     let answer = tokio::time::timeout(timeout, async {
         let mut c = slot.wire_conn().await.map_err(WireError::Io)?;
-        c.begin(Bytes::copy_from_slice(&protocol::ping_frame()), []);
+        c.begin(Bytes::copy_from_slice(&protocol::ping_frame()), [], false);
         match c.next_frame().await? {
             Frame::Pong => Ok(c),
             f => Err(WireError::Protocol(format!(

@@ -29,6 +29,9 @@ pub enum WireError {
     Io(io::Error),
     Eof,
     Protocol(String),
+    /// The master closed the connection to give up the response ahead of this request (its
+    /// client left): the worker never read this request.
+    GivenUp,
 }
 
 impl std::fmt::Display for WireError {
@@ -37,6 +40,7 @@ impl std::fmt::Display for WireError {
             WireError::Io(e) => write!(f, "i/o error: {e}"),
             WireError::Eof => write!(f, "the worker closed the connection mid-request"),
             WireError::Protocol(m) => write!(f, "protocol error: {m}"),
+            WireError::GivenUp => write!(f, "the response ahead of it was given up"),
         }
     }
 }
@@ -55,13 +59,22 @@ struct State {
     /// The next ticket to hand out, and the ticket whose response is being read.
     next: u64,
     head: u64,
-    /// Wakers of the tickets behind the head (index 0 = ticket `head + 1`).
-    waiting: VecDeque<Option<Waker>>,
+    /// The tickets behind the head (index 0 = ticket `head + 1`).
+    waiting: VecDeque<Waiter>,
     /// Tasks waiting for the socket to take more bytes. tokio keeps one write waker per socket,
     /// and any task may flush the shared queue, so whoever writes wakes them all: a task
     /// waiting for its own request to be out must not sleep through another's flush.
     write_waiters: Vec<Waker>,
     broken: Option<String>,
+    /// The lane was broken on purpose, to give up the head's response ([`WireConn::abandon`]).
+    given_up: bool,
+}
+
+/// A ticket behind the head.
+struct Waiter {
+    waker: Option<Waker>,
+    /// Its request may go to another worker if this lane is given up before its turn.
+    resendable: bool,
 }
 
 impl State {
@@ -79,7 +92,7 @@ impl State {
         }
         if self.head != t {
             let i = (t - self.head - 1) as usize;
-            self.waiting[i] = Some(cx.waker().clone());
+            self.waiting[i].waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
         Poll::Ready(Ok(()))
@@ -135,7 +148,7 @@ impl State {
         self.stream = None;
         self.out.clear();
         self.buf.clear();
-        for w in self.waiting.drain(..).flatten() {
+        for w in self.waiting.drain(..).filter_map(|w| w.waker) {
             w.wake();
         }
         for w in self.write_waiters.drain(..) {
@@ -144,6 +157,9 @@ impl State {
     }
 
     fn broken_error(&self) -> Option<WireError> {
+        if self.given_up {
+            return Some(WireError::GivenUp);
+        }
         self.broken
             .as_ref()
             .map(|why| WireError::Io(io::Error::new(io::ErrorKind::BrokenPipe, why.clone())))
@@ -180,6 +196,7 @@ impl Lane {
                 waiting: VecDeque::new(),
                 write_waiters: Vec::new(),
                 broken: None,
+                given_up: false,
             }),
         })
     }
@@ -213,8 +230,14 @@ impl WireConn {
     }
 
     /// Queues a request's bytes on the lane and takes the next ticket. Returns true when the
-    /// request waits behind others (its bytes may then go out with theirs).
-    pub fn begin(&mut self, head: Bytes, body: impl IntoIterator<Item = Bytes>) -> bool {
+    /// request waits behind others (its bytes may then go out with theirs). `resendable`: the
+    /// request may go to another worker should this lane be given up before its turn.
+    pub fn begin(
+        &mut self,
+        head: Bytes,
+        body: impl IntoIterator<Item = Bytes>,
+        resendable: bool,
+    ) -> bool {
         debug_assert!(self.ticket.is_none(), "one request at a time per handle");
         let mut st = self.lane.lock();
         let t = st.next;
@@ -228,7 +251,10 @@ impl WireConn {
         let end = st.queued;
         let behind = t != st.head;
         if behind && st.broken.is_none() {
-            st.waiting.push_back(None);
+            st.waiting.push_back(Waiter {
+                waker: None,
+                resendable,
+            });
         }
         self.ticket = Some((t, end));
         behind
@@ -326,18 +352,23 @@ impl WireConn {
     }
 
     /// Gives up this request's response, if that can be done without harming another request:
-    /// when its response is the one being read and no request waits behind it, the connection is
-    /// closed (the worker's next send fails, which ends the app's response and calls its
-    /// `close()`, as a write to a gone client does under gunicorn) and true is returned. Else
-    /// nothing changes and false is returned.
-    pub fn abandon(&mut self) -> bool {
+    /// when its response is the one being read and every request waiting behind it may go to
+    /// another worker (or `force`), the connection is closed (the worker's next send fails,
+    /// which ends the app's response and calls its `close()`, as a write to a gone client does
+    /// under gunicorn; the requests behind get [`WireError::GivenUp`]) and true is returned. Else
+    /// (also when the lane is already broken) nothing changes and false is returned.
+    pub fn abandon(&mut self, force: bool) -> bool {
         let Some((t, _)) = self.ticket else {
             return false;
         };
         let mut st = self.lane.lock();
-        if st.broken.is_none() && (st.head != t || st.next != t + 1) {
+        if st.broken.is_some()
+            || st.head != t
+            || !(force || st.waiting.iter().all(|w| w.resendable))
+        {
             return false;
         }
+        st.given_up = true;
         st.break_with("the response was given up (its client left)");
         self.ticket = None;
         true
@@ -353,7 +384,7 @@ impl WireConn {
             return;
         }
         st.head += 1;
-        if let Some(Some(w)) = st.waiting.pop_front() {
+        if let Some(Waiter { waker: Some(w), .. }) = st.waiting.pop_front() {
             w.wake();
         }
     }
@@ -388,8 +419,12 @@ mod tests {
         let lane = Lane::new(a);
         let mut one = WireConn::new(lane.clone());
         let mut two = WireConn::new(lane.clone());
-        assert!(!one.begin(Bytes::from_static(b"req1"), []));
-        assert!(two.begin(Bytes::from_static(b"req2"), [Bytes::from_static(b"+body")]));
+        assert!(!one.begin(Bytes::from_static(b"req1"), [], false));
+        assert!(two.begin(
+            Bytes::from_static(b"req2"),
+            [Bytes::from_static(b"+body")],
+            false
+        ));
         // The second ticket waits (it is not the head) but still writes both requests.
         let second = tokio::spawn(async move {
             let f = two.next_frame().await.unwrap();
@@ -421,8 +456,8 @@ mod tests {
         let lane = Lane::new(a);
         let mut one = WireConn::new(lane.clone());
         let mut two = WireConn::new(lane.clone());
-        one.begin(Bytes::from_static(b"r1"), []);
-        two.begin(Bytes::from_static(b"r2"), []);
+        one.begin(Bytes::from_static(b"r1"), [], false);
+        two.begin(Bytes::from_static(b"r2"), [], false);
         let waiter = tokio::spawn(async move { two.next_frame().await });
         tokio::task::yield_now().await;
         drop(one);
@@ -442,7 +477,7 @@ mod tests {
         let mut two = WireConn::new(lane.clone());
         // Far more than the socket buffer: the first flush stops part way.
         let big = Bytes::from(vec![b'x'; 4 << 20]);
-        one.begin(big, []);
+        one.begin(big, [], false);
         let first = tokio::spawn(async move {
             std::future::poll_fn(|cx| one.poll_flush_request(cx))
                 .await
@@ -451,7 +486,7 @@ mod tests {
         });
         tokio::task::yield_now().await;
         // The second request's task now holds tokio's one write registration of the socket.
-        two.begin(Bytes::from_static(b"second"), []);
+        two.begin(Bytes::from_static(b"second"), [], false);
         let second = tokio::spawn(async move { two.next_frame().await });
         tokio::task::yield_now().await;
         let mut got = vec![0u8; (4 << 20) + 6];
