@@ -236,6 +236,7 @@ pub struct RawWorkers {
     pub pipeline: Option<i64>,
     pub sched_batch: Option<bool>,
     pub queue: Option<i64>,
+    pub queue_timeout: Option<Dur>,
     pub timeout: Option<Dur>,
     pub graceful_timeout: Option<Dur>,
     pub keepalive: Option<Dur>,
@@ -389,6 +390,8 @@ pub struct WorkersConfig {
     /// not preempt it, so the master finishes its batch of events first (fewer context switches).
     pub sched_batch: bool,
     pub queue: usize,
+    /// Longest wait in the queue for a worker (at least the request's own timeout): then 503.
+    pub queue_timeout: Duration,
     pub timeout: Duration,
     pub graceful_timeout: Duration,
     pub keepalive: Duration,
@@ -781,6 +784,18 @@ impl RawConfig {
             .graceful_timeout
             .map(|d| d.0)
             .unwrap_or(Duration::from_secs(30));
+        // nginx's default proxy_read_timeout: a client behind it has left by then anyway.
+        let queue_timeout = w
+            .queue_timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(60));
+        if queue_timeout.is_zero() {
+            return Err(err(
+                "workers",
+                "queue_timeout",
+                "must be greater than 0 (queue = 0 is the way to not wait at all)".into(),
+            ));
+        }
         let keepalive = w.keepalive.map(|d| d.0).unwrap_or(Duration::from_secs(5));
         let max_worker_memory = w.max_worker_memory.map(|s| s.0).unwrap_or(0);
         if max_worker_memory != 0 && max_worker_memory < (16 << 20) {
@@ -973,6 +988,7 @@ impl RawConfig {
                 pipeline,
                 sched_batch: w.sched_batch.unwrap_or(true),
                 queue,
+                queue_timeout,
                 timeout,
                 graceful_timeout,
                 keepalive,
@@ -1143,6 +1159,10 @@ impl Config {
         line("workers.pipeline", w.pipeline.to_string());
         line("workers.sched_batch", w.sched_batch.to_string());
         line("workers.queue", w.queue.to_string());
+        line(
+            "workers.queue_timeout",
+            format!("{}s", w.queue_timeout.as_secs_f64()),
+        );
         line("workers.timeout", format!("{}s", w.timeout.as_secs_f64()));
         line(
             "workers.graceful_timeout",

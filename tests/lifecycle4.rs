@@ -289,3 +289,52 @@ fn crash_loop_backs_off_loudly_and_keeps_serving() {
     std::fs::remove_file(&trigger).unwrap();
     srv.wait_children_count(2, Duration::from_secs(40));
 }
+
+/// A reload that fails while the pool is still starting does not stop a master that already
+/// serves: worker 1 answers while worker 2 is still importing, the app is then broken and a HUP
+/// sent; the new workers fail to load and worker 1 keeps serving (as after the boot). Before,
+/// any load failure before every worker was ready stopped the master (exit 3), taking the
+/// serving worker with it.
+#[test]
+fn a_failed_reload_during_the_boot_keeps_the_serving_workers() {
+    let dir = TestDir::new("reload_during_boot");
+    let port = free_port();
+    let app = dir.install_app(&["lifeapp.py"]);
+    let trigger = dir.join("fail-import");
+    let gate = dir.join("gate");
+    let conf = Conf::standard(&dir, port)
+        .set("app", "wsgi", &q("lifeapp:app"))
+        .set("app", "chdir", &q(app.to_str().unwrap()))
+        .set(
+            "app",
+            "env",
+            &format!(
+                "{{ LIFEAPP_FAIL_IMPORT = {}, LIFEAPP_GATE_IMPORT = {} }}",
+                q(trigger.to_str().unwrap()),
+                q(gate.to_str().unwrap())
+            ),
+        )
+        .set("workers", "count", "2");
+    let cfg = conf.write(&dir);
+    let mut srv = Server::spawn(&dir, &cfg, port, &dir.path);
+    let first = wait_until("worker 1 to answer", Duration::from_secs(20), || {
+        Http::try_connect(port).ok().map(|_| ())?;
+        let r = srv.get("/pid");
+        (r.status == 200).then(|| pid_of(&r))
+    });
+    std::fs::write(&trigger, "x").unwrap();
+    srv.signal(1); // SIGHUP
+    srv.wait_error_log_line(
+        "a new worker failing to load",
+        Duration::from_secs(20),
+        |l| l.contains("failed to load the application"),
+    );
+    for _ in 0..5 {
+        let r = srv.get("/pid");
+        assert_eq!(r.status, 200, "{}", srv.diagnostics());
+        assert_eq!(pid_of(&r), first);
+    }
+    assert!(srv.try_exit_status().is_none(), "the master stopped");
+    std::fs::remove_file(&trigger).unwrap();
+    std::fs::write(&gate, "x").unwrap();
+}

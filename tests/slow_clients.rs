@@ -558,3 +558,53 @@ fn a_stream_given_up_with_requests_sent_ahead_behind_it_frees_them() {
     assert_eq!(fx.srv.get("/pid").status, 200);
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }
+
+/// A request waiting in the queue is watched: when its client closes the connection it leaves the
+/// queue within a second (a 499 in the access log), instead of keeping its place — and the place
+/// of a live client, once the queue is full — until a worker frees up; and it waits at most
+/// `queue_timeout` (here 2 s), then gets 503 (before, a queue that did not move, say with no
+/// worker left, held its clients for ever).
+#[test]
+fn queued_requests_leave_with_their_client_and_wait_at_most_their_timeout() {
+    let fx = start_standard("queue_watch", |c| {
+        c.set("workers", "count", "1")
+            .set("workers", "pipeline", "1")
+            .set("workers", "timeout", "2")
+            .set("workers", "queue", "5")
+            .set("workers", "queue_timeout", "2")
+            .set("workers", "path_timeouts", "{ \"/block\" = \"30s\" }")
+    });
+    let busy = fx.dir.join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    let mut first = fx.srv.connect();
+    first.send(&first.build(
+        "GET",
+        &format!("/block?dir={}", pct(busy.to_str().unwrap())),
+        &[],
+        b"",
+    ));
+    wait_until("the worker to be busy", Duration::from_secs(15), || {
+        busy.join("started").exists().then_some(())
+    });
+    // Five clients fill the queue and leave.
+    for _ in 0..5 {
+        let mut c = fx.srv.connect();
+        c.send(&c.build("GET", "/pid", &[], b""));
+    }
+    wait_until("the five 499 lines", Duration::from_secs(10), || {
+        (fx.srv.access_log().matches("\" 499 ").count() >= 5).then_some(())
+    });
+    // A live client now has a place in the queue (not 503 at once for a full queue), and gets
+    // 503 when its 2 s queue_timeout is up: the worker is still busy.
+    let t0 = Instant::now();
+    let r = fx.srv.get("/pid");
+    let waited = t0.elapsed();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10),
+        "answered after {waited:?}"
+    );
+    std::fs::write(busy.join("release"), b"").unwrap();
+    let r = first.read_response(false).expect("the first answer");
+    assert_eq!(r.status, 200);
+}

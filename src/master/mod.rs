@@ -534,20 +534,21 @@ impl Master {
                 if w.state != WorkerState::Starting {
                     return;
                 }
-                if !self.booted {
+                let pid = w.info.pid();
+                if self.load_failure_is_fatal() {
                     tracing::error!(
                         worker = id,
-                        pid = w.info.pid(),
+                        pid,
                         "the application failed to load; stopping\n{traceback}"
                     );
                     self.fail_boot(&traceback);
                 } else {
                     if self.crash_streak <= 1 {
-                        tracing::error!(worker = id, pid = w.info.pid(), reason = "crash", "a new worker failed to load the application (the running workers keep serving)\n{traceback}");
+                        tracing::error!(worker = id, pid, reason = "crash", "a new worker failed to load the application (the running workers keep serving)\n{traceback}");
                     } else {
                         tracing::error!(
                             worker = id,
-                            pid = w.info.pid(),
+                            pid,
                             reason = "crash",
                             streak = self.crash_streak,
                             "a new worker failed to load the application again"
@@ -602,7 +603,7 @@ impl Master {
             }
             Err(traceback) => {
                 self.warm = None;
-                if !self.booted {
+                if self.load_failure_is_fatal() {
                     tracing::error!(
                         pid,
                         "the application failed to load (preload); stopping\n{traceback}"
@@ -1417,12 +1418,23 @@ impl Master {
         }
     }
 
+    /// Whether an app that fails to load (or a worker that cannot start) stops the master: yes
+    /// while it is booting (an app that cannot load is not respawned for ever), unless a reload
+    /// came during the boot and workers of the older configuration already serve — they keep
+    /// serving, as after the boot (a HUP right after the first worker answered used to stop a
+    /// master that was serving).
+    fn load_failure_is_fatal(&self) -> bool {
+        !self.booted
+            && !(self.generation > 1
+                && self.workers.values().any(|w| w.state == WorkerState::Ready))
+    }
+
     /// A worker (or the warm process, id 0) could not be started: fatal before the first boot,
     /// else a crash with backoff.
     fn spawn_failed(&mut self, id: WorkerId, e: std::io::Error) {
         let python = self.cfg.python_path();
         tracing::error!(worker = id, error = %e, python = %python.display(), chdir = %self.cfg.app.chdir.display(), "cannot start a worker process");
-        if !self.booted {
+        if self.load_failure_is_fatal() {
             if !matches!(self.cfg.log.error, config::LogTarget::Stderr) {
                 eprintln!(
                     "gte-supervisor: cannot start a worker ({} in {}): {e}",

@@ -107,8 +107,13 @@ pub async fn forward(
     if let Some(r) = record.as_mut() {
         r.queue_enter();
     }
-    let slot = match shared.pool.acquire().await {
-        Ok(s) => s,
+    // (Bounded by the request's timeout, as for the bundled worker; see `acquire_watched`.)
+    let limit = || {
+        let s = shared.settings();
+        s.queue_timeout.max(timeout.unwrap_or(s.body_timeout))
+    };
+    let slot = match shared.pool.acquire_watched(limit, || false).await {
+        Ok((s, _)) => s,
         Err(_) => return shared.reject(StatusCode::SERVICE_UNAVAILABLE, record),
     };
     if let Some(r) = record.as_mut() {

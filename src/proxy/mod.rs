@@ -42,6 +42,8 @@ pub struct Settings {
     pub keepalive: Duration,
     /// Longest wait for the next piece of a request body (`[workers] timeout`): 408 after it.
     pub body_timeout: Duration,
+    /// Longest wait in the queue (`[workers] queue_timeout`, at least the request's timeout).
+    pub queue_timeout: Duration,
     pub limit_request_header: usize,
     pub limit_request_fields: usize,
     pub limit_request_line: usize,
@@ -75,6 +77,7 @@ impl Settings {
             wsgi: matches!(cfg.app.kind, AppKind::Wsgi { .. }),
             keepalive: cfg.workers.keepalive,
             body_timeout: cfg.workers.timeout,
+            queue_timeout: cfg.workers.queue_timeout,
             limit_request_header: cfg.limit_request_header,
             limit_request_fields: cfg.limit_request_fields,
             limit_request_line: cfg.limit_request_line,

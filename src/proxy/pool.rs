@@ -10,6 +10,7 @@
 //! instead of in this queue, which saves the worker a wake-up between requests.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,19 @@ pub enum AcquireError {
     /// The pool is shut down.
     Closed,
 }
+
+/// Why a queued request stopped waiting without a slot ([`IdlePool::acquire_watched`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum QueueExit {
+    Pool(AcquireError),
+    /// Its client closed the connection.
+    ClientGone,
+    /// No slot within the request's timeout.
+    TimedOut,
+}
+
+/// How often a request waiting in the queue checks on its client and its time limit.
+pub const QUEUE_CHECK: Duration = Duration::from_millis(500);
 
 struct Inner {
     /// Idle slots, most recently returned last (taken first: its worker is warm).
@@ -118,6 +132,43 @@ impl IdlePool {
         Waiting { rx, pool: self }
             .await
             .map(|slot| (slot, Some(since.elapsed())))
+    }
+
+    /// [`acquire_timed`](Self::acquire_timed), watched while the request waits in the queue:
+    /// every [`QUEUE_CHECK`] the client is checked (`client_gone`: a client that left does not
+    /// keep its place, and with it a place other clients could have, until a worker frees up),
+    /// and the wait ends after `limit()` (the request's timeout: a queue that does not move, say
+    /// with no worker left, answers instead of holding the client for ever). A slot that is free
+    /// at once is taken without a timer.
+    pub async fn acquire_watched(
+        &self,
+        limit: impl FnOnce() -> Duration,
+        client_gone: impl Fn() -> bool,
+    ) -> Result<(Slot, Option<Duration>), QueueExit> {
+        let mut wait = std::pin::pin!(self.acquire_timed());
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match wait.as_mut().poll(cx) {
+                std::task::Poll::Ready(r) => Some(r),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await;
+        if let Some(r) = first {
+            return r.map_err(QueueExit::Pool);
+        }
+        let until = tokio::time::Instant::now() + limit();
+        loop {
+            let tick = (tokio::time::Instant::now() + QUEUE_CHECK).min(until);
+            if let Ok(r) = tokio::time::timeout_at(tick, wait.as_mut()).await {
+                return r.map_err(QueueExit::Pool);
+            }
+            if client_gone() {
+                return Err(QueueExit::ClientGone);
+            }
+            if tokio::time::Instant::now() >= until {
+                return Err(QueueExit::TimedOut);
+            }
+        }
     }
 
     /// Gives a slot back: to the oldest waiter, or to the idle set. Slots of retiring workers are dropped.

@@ -16,7 +16,7 @@ use http_body::Frame as BodyFrame;
 use tokio::time::Instant;
 
 use super::body::{BoxError, ProxyBody};
-use super::pool::SlotHold;
+use super::pool::{QueueExit, SlotHold};
 use super::{error_response, Shared, CLIENT_CLOSED};
 use crate::event::Event;
 use crate::logging::AccessRecord;
@@ -30,15 +30,33 @@ async fn take_connected(
     shared: &Arc<Shared>,
     record: &mut Option<AccessRecord>,
     client: RawFd,
+    timeout: Option<std::time::Duration>,
 ) -> Result<(Slot, WireConn), StatusCode> {
     let mut attempts = 0;
     if let Some(r) = record.as_mut() {
         r.queue_enter();
     }
     loop {
-        let (slot, waited) = match shared.pool.acquire_timed().await {
+        let limit = || {
+            let s = shared.settings();
+            s.queue_timeout.max(timeout.unwrap_or(s.body_timeout))
+        };
+        let (slot, waited) = match shared
+            .pool
+            .acquire_watched(limit, || client_closed(client))
+            .await
+        {
             Ok(s) => s,
-            Err(_) => return Err(StatusCode::SERVICE_UNAVAILABLE),
+            Err(QueueExit::ClientGone) => {
+                // See below; nginx's 499.
+                tracing::debug!("the client closed the connection while its request waited for a worker; not sent");
+                return Err(CLIENT_CLOSED);
+            }
+            Err(QueueExit::TimedOut) => {
+                tracing::debug!("no worker became free within the request's timeout: 503");
+                return Err(StatusCode::SERVICE_UNAVAILABLE);
+            }
+            Err(QueueExit::Pool(_)) => return Err(StatusCode::SERVICE_UNAVAILABLE),
         };
         if let Some(r) = record.as_mut() {
             r.queue_leave();
@@ -151,7 +169,8 @@ pub async fn forward(
     let mut resent = false;
     let mut message = Some((request, body));
     loop {
-        let (mut slot, mut conn) = match take_connected(shared, &mut record, client).await {
+        let (mut slot, mut conn) = match take_connected(shared, &mut record, client, timeout).await
+        {
             Ok(x) => x,
             Err(status) => return shared.reject(status, record),
         };
