@@ -1424,9 +1424,9 @@ impl Master {
     /// serving, as after the boot (a HUP right after the first worker answered used to stop a
     /// master that was serving).
     fn load_failure_is_fatal(&self) -> bool {
-        !self.booted
-            && !(self.generation > 1
-                && self.workers.values().any(|w| w.state == WorkerState::Ready))
+        let older_ones_serve =
+            self.generation > 1 && self.workers.values().any(|w| w.state == WorkerState::Ready);
+        !self.booted && !older_ones_serve
     }
 
     /// A worker (or the warm process, id 0) could not be started: fatal before the first boot,
