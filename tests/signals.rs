@@ -509,3 +509,55 @@ fn winch_retires_all_workers_of_a_daemonized_master() {
         200
     );
 }
+
+/// A USR2 whose new master stops before it is ready leaves the old master whole: it keeps
+/// serving, its pidfile is back, and `status` reaches it again (the new master had taken the
+/// control socket's name and removed it on its way out).
+#[test]
+fn a_failed_upgrade_leaves_the_old_master_reachable_by_status() {
+    let dir = TestDir::new("usr2_failed");
+    let port = free_port();
+    let app = dir.install_app(&["lifeapp.py"]);
+    let gate = dir.join("gate");
+    std::fs::write(&gate, "x").unwrap();
+    let conf = Conf::standard(&dir, port)
+        .set("app", "wsgi", &q("lifeapp:app"))
+        .set("app", "chdir", &q(app.to_str().unwrap()))
+        .set(
+            "app",
+            "env",
+            &format!(
+                "{{ LIFEAPP_GATE_IMPORT = {}, LIFEAPP_GATE_ALL = \"1\" }}",
+                q(gate.to_str().unwrap())
+            ),
+        )
+        .set("workers", "count", "1");
+    let srv = Server::start(&dir, &conf);
+    let old = srv.pid;
+    let pidfile = dir.join("master.pid");
+    // The new master's workers will wait in their import: it cannot become ready.
+    std::fs::remove_file(&gate).unwrap();
+    srv.signal(SIGUSR2);
+    let new = wait_until("the new master's pid", Duration::from_secs(30), || {
+        std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .filter(|p| *p != old)
+    });
+    let _guard = KillPid(new);
+    send_signal(new, SIGTERM);
+    srv.wait_error_log_line("the failed upgrade", Duration::from_secs(30), |l| {
+        l.contains("upgrade failed")
+    });
+    let cfg = srv.config.to_str().unwrap().to_owned();
+    let out = wait_until("status to answer", Duration::from_secs(10), || {
+        let out = run_bin(&dir, &["status", "-c", &cfg], Duration::from_secs(20));
+        (out.code() == Some(0) && out.stdout.contains("queued requests")).then_some(out)
+    });
+    assert!(out.stdout.contains(&old.to_string()), "{}", out.stdout);
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap().trim(),
+        old.to_string()
+    );
+    assert_eq!(srv.get("/pid").status, 200);
+}

@@ -477,8 +477,10 @@ impl Master {
             SignalKind::Decrement => {
                 if self.desired > 1 {
                     self.desired -= 1;
+                    tracing::info!(workers = self.desired, "SIGTTOU: one worker less");
+                } else {
+                    tracing::info!("SIGTTOU: already at one worker; unchanged");
                 }
-                tracing::info!(workers = self.desired, "SIGTTOU: one worker less");
             }
             SignalKind::ReopenLogs => {
                 self.logs.reopen();
@@ -935,10 +937,26 @@ impl Master {
         }
     }
 
+    /// After a failed upgrade: the pidfile goes back to its place, and the control socket is
+    /// bound again (the new master took over its name and removed it when it exited, which left
+    /// `status` unable to reach this master).
     fn restore_pidfile(&mut self) {
         if let (Some(p), Some(home)) = (self.pidfile.as_mut(), self.pidfile_home.take()) {
             if let Err(e) = p.rename_to(&home) {
                 tracing::error!(error = %e, "cannot move the pidfile back");
+            }
+            let path = control::control_path(&home);
+            let bound = control::bind(&path).and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::UnixListener::from_std(l)
+            });
+            match bound {
+                Ok(l) => {
+                    tokio::spawn(control::serve(l, self.events_tx.clone()));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, path = %path.display(), "cannot bind the control socket again")
+                }
             }
         }
     }
@@ -1382,13 +1400,23 @@ impl Master {
                     )
                     .with_pipelining(w.pipelined(&self.cfg.app.kind)),
                 );
-                tracing::info!(
-                    worker = id,
-                    pid = sp.pid,
-                    generation = self.generation,
-                    budget,
-                    "worker spawned"
-                );
+                if sp.pid == 0 {
+                    // Forked by the warm process: its pid comes with the fork ("worker forked").
+                    tracing::info!(
+                        worker = id,
+                        generation = self.generation,
+                        budget,
+                        "worker spawned (fork requested from the warm process)"
+                    );
+                } else {
+                    tracing::info!(
+                        worker = id,
+                        pid = sp.pid,
+                        generation = self.generation,
+                        budget,
+                        "worker spawned"
+                    );
+                }
                 if let (Some(m), true) = (&self.shared.metrics, sp.pid != 0) {
                     m.worker_spawned(id, sp.pid); // metrics hook
                 }

@@ -4,8 +4,8 @@ Routes: /pid, /stuck?s=N (sleeps inside stuck_in_model_call, so the timeout trac
 /health (200, or 500 once /sicken was called in this process), /sicken, /alloc?mb=N (holds N MiB),
 /exit?s=N (sleeps N seconds, default 0, then os._exit mid-request); any route with mark=PATH
 first writes its pid to PATH. If the file named by $LIFEAPP_FAIL_IMPORT exists, import fails.
-If $LIFEAPP_GATE_IMPORT names a file, every worker but worker 1 waits (at most 30 s) for it to
-exist before its import finishes (a pool that is half up).
+If $LIFEAPP_GATE_IMPORT names a file, every worker but worker 1 (every one, with
+$LIFEAPP_GATE_ALL) waits (at most 30 s) for it to exist before its import finishes.
 """
 import os
 import time
@@ -13,7 +13,8 @@ import time
 if os.environ.get("LIFEAPP_FAIL_IMPORT") and os.path.exists(os.environ["LIFEAPP_FAIL_IMPORT"]):
     raise RuntimeError("lifeapp: import disabled by the test's trigger file")
 
-if os.environ.get("LIFEAPP_GATE_IMPORT") and os.environ.get("GTE_WORKER_ID") != "1":
+if os.environ.get("LIFEAPP_GATE_IMPORT") and (
+        os.environ.get("LIFEAPP_GATE_ALL") or os.environ.get("GTE_WORKER_ID") != "1"):
     _until = time.monotonic() + 30
     while not os.path.exists(os.environ["LIFEAPP_GATE_IMPORT"]) and time.monotonic() < _until:
         time.sleep(0.01)
