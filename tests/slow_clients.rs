@@ -98,7 +98,10 @@ fn a_client_that_stops_reading_is_cut_after_the_timeout_and_the_worker_is_freed(
     let line =
         fx.srv
             .wait_error_log_line("about the stalled client", Duration::from_secs(10), |l| {
+                // The master's two stall checks have the same timeout: whichever comes first
+                // (the response buffer's, or the connection's writes') says so.
                 l.contains("its connection is closed and the worker freed")
+                    || l.contains("read nothing of its answers")
             });
     assert!(line.contains("WARN"), "{line}");
 }
@@ -607,4 +610,48 @@ fn queued_requests_leave_with_their_client_and_wait_at_most_their_timeout() {
     std::fs::write(busy.join("release"), b"").unwrap();
     let r = first.read_response(false).expect("the first answer");
     assert_eq!(r.status, 200);
+}
+
+/// A client that sends requests and never reads the answers (each small, so no worker waits on
+/// it) is cut once it has taken nothing for `timeout`, as nginx's `send_timeout` does; before, it
+/// kept its connection and megabytes of unread answers in the kernel for as long as it liked.
+#[test]
+fn a_client_that_never_reads_its_answers_is_cut_after_the_timeout() {
+    let fx = start_standard("never_reads", |c| {
+        c.set("workers", "count", "1")
+            .set("workers", "timeout", "2")
+            .set("workers", "keepalive", "60")
+    });
+    let s = small_window_connect(fx.port);
+    let port = s.local_addr().unwrap().port();
+    let mut w = s.try_clone().unwrap();
+    w.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    let writer = std::thread::spawn(move || {
+        let req = b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+        // Until the server stops taking requests (its answers are not read) or cuts us.
+        for _ in 0..2000 {
+            if w.write_all(&req).is_err() {
+                break;
+            }
+        }
+    });
+    let t0 = Instant::now();
+    wait_until(
+        "the connection closed by the master",
+        Duration::from_secs(30),
+        || (tcp_state(port) != Some(0x01)).then_some(()),
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "cut too early: {:?}",
+        t0.elapsed()
+    );
+    writer.join().unwrap();
+    // Nothing else was harmed.
+    assert_eq!(fx.srv.get("/pid").status, 200);
+    drop(s);
+    fx.srv
+        .wait_error_log_line("the warning", Duration::from_secs(10), |l| {
+            l.contains("read nothing of its answers")
+        });
 }

@@ -8,6 +8,7 @@ pub mod http;
 pub mod pool;
 pub mod probe;
 pub mod route;
+pub mod stall;
 pub mod wire;
 
 use std::convert::Infallible;
@@ -665,11 +666,47 @@ impl Drop for ConnGuard {
 /// A request hyper refused before it became one (a malformed or oversized head: hyper answered
 /// 400 / 414 / 431 and closed) has no access-log line; it gets a warning in the error log, as
 /// gunicorn logs "Invalid request from ip=...". Timeouts and clients that left are not logged.
-fn log_refused(r: Result<(), hyper::Error>, peer: SocketAddr) {
+/// How a client connection ended, as far as its closing goes.
+#[derive(PartialEq, Eq)]
+enum Ended {
+    Other,
+    /// The client read nothing for the whole timeout (`stall::StallGuard`).
+    Stalled,
+}
+
+fn log_refused(r: Result<(), hyper::Error>, peer: SocketAddr) -> Ended {
     if let Err(e) = r {
         if e.is_parse() || e.is_parse_too_large() {
             tracing::warn!(client = %peer.ip(), error = %e, "invalid request refused");
+        } else if std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            tracing::warn!(client = %peer.ip(), "the client read nothing of its answers for the whole timeout; connection closed");
+            return Ended::Stalled;
         }
+    }
+    Ended::Other
+}
+
+/// Makes the coming close of a client's socket a reset: dropping the connection then frees what
+/// is queued for it, the unread response in the kernel's send queue too (a FIN would wait behind
+/// it for a client that does not read, and the socket would stay).
+fn reset_on_close(client: std::os::fd::RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `client` is the connection's socket, still open (its connection owns it until it is
+    // dropped after this call); the option value is a valid `linger` of the size given.
+    unsafe {
+        libc::setsockopt(
+            client,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
     }
 }
 
@@ -699,6 +736,8 @@ async fn serve_connection(
         builder.header_read_timeout(settings.keepalive);
     }
     let linger = settings.keepalive;
+    // A client that reads nothing of its answers for this long is cut (nginx's send_timeout).
+    let send_timeout = settings.body_timeout;
     drop(settings);
     let svc_shared = shared.clone();
     let client = std::os::fd::AsRawFd::as_raw_fd(&tcp);
@@ -720,7 +759,7 @@ async fn serve_connection(
         }
     });
     let conn = builder
-        .serve_connection(TokioIo::new(tcp), svc)
+        .serve_connection(TokioIo::new(stall::StallGuard::new(tcp, send_timeout)), svc)
         .with_upgrades();
     tokio::pin!(conn);
     if *stop.borrow() {
@@ -729,24 +768,12 @@ async fn serve_connection(
         return;
     }
     tokio::select! {
-        r = conn.as_mut() => log_refused(r, peer),
-        // Dropping the connection closes the socket and frees what was queued for it; with
-        // SO_LINGER 0 the close is a reset, so the unread response in the kernel's send queue is
-        // dropped too (a FIN would wait behind it for a client that does not read).
-        _ = cut.notified() => {
-            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-            // SAFETY: `client` is this connection's socket, still open (`conn` owns it until it
-            // is dropped below); the option value is a valid `linger` of the size given.
-            unsafe {
-                libc::setsockopt(
-                    client,
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                );
+        r = conn.as_mut() => {
+            if log_refused(r, peer) == Ended::Stalled {
+                reset_on_close(client);
             }
         }
+        _ = cut.notified() => reset_on_close(client),
         _ = stop.changed() => {
             // Closing an idle keep-alive connection at once races with a request the client may
             // be sending on it. Instead let it carry one more request (answered with
