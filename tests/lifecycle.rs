@@ -198,6 +198,12 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_0() {
     fx.srv.signal(SIGTERM);
     fx.srv
         .wait_notification("STOPPING=1", Duration::from_secs(10));
+    // A HUP now changes nothing, and says so.
+    fx.srv.signal(1);
+    fx.srv
+        .wait_error_log_line("the ignored HUP", Duration::from_secs(10), |l| {
+            l.contains("reload requested while stopping: ignored")
+        });
     fs::write(gate.join("release"), b"go").unwrap();
     let r = c
         .read_response(false)

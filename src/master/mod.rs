@@ -1260,6 +1260,7 @@ impl Master {
 
     fn reload(&mut self) {
         if self.phase != Phase::Running {
+            tracing::info!("reload requested while stopping: ignored");
             return;
         }
         systemd::notify("RELOADING=1\nSTATUS=reloading");

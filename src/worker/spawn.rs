@@ -363,7 +363,7 @@ pub(crate) async fn read_status(
     } else if let Some(tb) = buf.strip_prefix(b"FAILED\n") {
         Err(String::from_utf8_lossy(tb).trim_end().to_string())
     } else {
-        Err("the worker exited before it was ready (no traceback was reported)".to_string())
+        Err("the process exited or was killed before it was ready, without a traceback (its exit status is logged when it is reaped)".to_string())
     }
 }
 
