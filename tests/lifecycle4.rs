@@ -250,20 +250,13 @@ fn crash_mid_request_gives_502_and_is_replaced_at_once() {
 fn crash_loop_backs_off_loudly_and_keeps_serving() {
     let dir = TestDir::new("crash_loop");
     let port = free_port();
-    let app = dir.install_app(&["lifeapp.py"]);
     let trigger = dir.join("fail-import");
-    let conf = Conf::standard(&dir, port)
-        .set("app", "wsgi", &q("lifeapp:app"))
-        .set("app", "chdir", &q(app.to_str().unwrap()))
-        .set(
-            "app",
-            "env",
-            &format!(
-                "{{ LIFEAPP_FAIL_IMPORT = {} }}",
-                q(trigger.to_str().unwrap())
-            ),
-        )
-        .set("workers", "count", "2");
+    let conf = life_conf(
+        &dir,
+        port,
+        &[("LIFEAPP_FAIL_IMPORT", trigger.to_str().unwrap())],
+    )
+    .set("workers", "count", "2");
     let mut srv = Server::start(&dir, &conf);
     std::fs::write(&trigger, "x").unwrap();
     let victim = pid_of(&srv.get("/pid"));
@@ -299,22 +292,17 @@ fn crash_loop_backs_off_loudly_and_keeps_serving() {
 fn a_failed_reload_during_the_boot_keeps_the_serving_workers() {
     let dir = TestDir::new("reload_during_boot");
     let port = free_port();
-    let app = dir.install_app(&["lifeapp.py"]);
     let trigger = dir.join("fail-import");
     let gate = dir.join("gate");
-    let conf = Conf::standard(&dir, port)
-        .set("app", "wsgi", &q("lifeapp:app"))
-        .set("app", "chdir", &q(app.to_str().unwrap()))
-        .set(
-            "app",
-            "env",
-            &format!(
-                "{{ LIFEAPP_FAIL_IMPORT = {}, LIFEAPP_GATE_IMPORT = {} }}",
-                q(trigger.to_str().unwrap()),
-                q(gate.to_str().unwrap())
-            ),
-        )
-        .set("workers", "count", "2");
+    let conf = life_conf(
+        &dir,
+        port,
+        &[
+            ("LIFEAPP_FAIL_IMPORT", trigger.to_str().unwrap()),
+            ("LIFEAPP_GATE_IMPORT", gate.to_str().unwrap()),
+        ],
+    )
+    .set("workers", "count", "2");
     let cfg = conf.write(&dir);
     let mut srv = Server::spawn(&dir, &cfg, port, &dir.path);
     let first = wait_until("worker 1 to answer", Duration::from_secs(20), || {

@@ -517,21 +517,17 @@ fn winch_retires_all_workers_of_a_daemonized_master() {
 fn a_failed_upgrade_leaves_the_old_master_reachable_by_status() {
     let dir = TestDir::new("usr2_failed");
     let port = free_port();
-    let app = dir.install_app(&["lifeapp.py"]);
     let gate = dir.join("gate");
     std::fs::write(&gate, "x").unwrap();
-    let conf = Conf::standard(&dir, port)
-        .set("app", "wsgi", &q("lifeapp:app"))
-        .set("app", "chdir", &q(app.to_str().unwrap()))
-        .set(
-            "app",
-            "env",
-            &format!(
-                "{{ LIFEAPP_GATE_IMPORT = {}, LIFEAPP_GATE_ALL = \"1\" }}",
-                q(gate.to_str().unwrap())
-            ),
-        )
-        .set("workers", "count", "1");
+    let conf = life_conf(
+        &dir,
+        port,
+        &[
+            ("LIFEAPP_GATE_IMPORT", gate.to_str().unwrap()),
+            ("LIFEAPP_GATE_ALL", "1"),
+        ],
+    )
+    .set("workers", "count", "1");
     let srv = Server::start(&dir, &conf);
     let old = srv.pid;
     let pidfile = dir.join("master.pid");

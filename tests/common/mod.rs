@@ -1062,16 +1062,25 @@ pub fn start_standard(name: &str, tweak: impl FnOnce(Conf) -> Conf) -> Fx {
     Fx { srv, dir, port }
 }
 
+/// The standard config serving the lifecycle fixture app (`tests/apps/lifeapp.py`), with `env`
+/// (variable, value) pairs in its `[app] env` when there are any.
+pub fn life_conf(dir: &TestDir, port: u16, env: &[(&str, &str)]) -> Conf {
+    let app = dir.install_app(&["lifeapp.py"]);
+    let conf = Conf::standard(dir, port)
+        .set("app", "wsgi", &q("lifeapp:app"))
+        .set("app", "chdir", &q(app.to_str().unwrap()));
+    if env.is_empty() {
+        return conf;
+    }
+    let pairs: Vec<String> = env.iter().map(|(k, v)| format!("{k} = {}", q(v))).collect();
+    conf.set("app", "env", &format!("{{ {} }}", pairs.join(", ")))
+}
+
 /// Start the lifecycle fixture app (`tests/apps/lifeapp.py`) with `tweak` applied.
 pub fn start_life(name: &str, tweak: impl FnOnce(Conf) -> Conf) -> Fx {
     let dir = TestDir::new(name);
     let port = free_port();
-    let app = dir.install_app(&["lifeapp.py"]);
-    let conf = tweak(
-        Conf::standard(&dir, port)
-            .set("app", "wsgi", &q("lifeapp:app"))
-            .set("app", "chdir", &q(app.to_str().unwrap())),
-    );
+    let conf = tweak(life_conf(&dir, port, &[]));
     let srv = Server::start(&dir, &conf);
     Fx { srv, dir, port }
 }
