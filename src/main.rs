@@ -233,14 +233,8 @@ fn run(config_path: &Path) -> i32 {
             );
         }
         if let Some(l) = control_listener {
-            match l
-                .set_nonblocking(true)
-                .and_then(|_| tokio::net::UnixListener::from_std(l))
-            {
-                Ok(l) => {
-                    tokio::spawn(master::control::serve(l, master.sender()));
-                }
-                Err(e) => return fail(exit::RUNTIME, format!("control socket: {e}")),
+            if let Err(e) = master::control::spawn_serve(l, master.sender()) {
+                return fail(exit::RUNTIME, format!("control socket: {e}"));
             }
         }
         let code = master.run().await;

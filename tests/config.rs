@@ -147,6 +147,14 @@ fn a_per_line_limit_over_the_head_limit_is_rejected() {
 }
 
 #[test]
+fn a_zero_queue_timeout_is_rejected() {
+    let body = VALID.replace("count = 2\n", "count = 2\nqueue_timeout = 0\n");
+    let (_d, out, text) = expect_invalid("queue_timeout_zero", &body);
+    assert_names(&out, &text, "queue_timeout = 0", "queue_timeout");
+    assert!(out.all().contains("greater than 0"), "{}", out.all());
+}
+
+#[test]
 fn bad_duration_is_rejected() {
     let body = VALID.replace("count = 2\n", "count = 2\ntimeout = \"2 fortnights\"\n");
     let (_d, out, text) = expect_invalid("bad_duration", &body);

@@ -28,8 +28,18 @@ pub fn bind(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
     l
 }
 
+/// Serves control requests on a bound listener ([`bind`]) in a task of the current runtime.
+pub fn spawn_serve(
+    listener: std::os::unix::net::UnixListener,
+    events: UnboundedSender<Event>,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    tokio::spawn(serve(UnixListener::from_std(listener)?, events));
+    Ok(())
+}
+
 /// Serves control requests until the runtime ends.
-pub async fn serve(listener: UnixListener, events: UnboundedSender<Event>) {
+async fn serve(listener: UnixListener, events: UnboundedSender<Event>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -946,17 +946,10 @@ impl Master {
                 tracing::error!(error = %e, "cannot move the pidfile back");
             }
             let path = control::control_path(&home);
-            let bound = control::bind(&path).and_then(|l| {
-                l.set_nonblocking(true)?;
-                tokio::net::UnixListener::from_std(l)
-            });
-            match bound {
-                Ok(l) => {
-                    tokio::spawn(control::serve(l, self.events_tx.clone()));
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, path = %path.display(), "cannot bind the control socket again")
-                }
+            if let Err(e) =
+                control::bind(&path).and_then(|l| control::spawn_serve(l, self.events_tx.clone()))
+            {
+                tracing::error!(error = %e, path = %path.display(), "cannot bind the control socket again");
             }
         }
     }

@@ -107,11 +107,8 @@ pub async fn forward(
     if let Some(r) = record.as_mut() {
         r.queue_enter();
     }
-    // (Bounded by the request's timeout, as for the bundled worker; see `acquire_watched`.)
-    let limit = || {
-        let s = shared.settings();
-        s.queue_timeout.max(timeout.unwrap_or(s.body_timeout))
-    };
+    // (Bounded in time as for the bundled worker; see `acquire_watched`.)
+    let limit = || shared.queue_limit(timeout);
     let slot = match shared.pool.acquire_watched(limit, || false).await {
         Ok((s, _)) => s,
         Err(_) => return shared.reject(StatusCode::SERVICE_UNAVAILABLE, record),

@@ -132,6 +132,13 @@ impl Shared {
         }
     }
 
+    /// Longest wait in the queue for a request whose own timeout is `timeout` (None: the
+    /// workers' `timeout`): `queue_timeout`, or that timeout if it is longer.
+    pub fn queue_limit(&self, timeout: Option<Duration>) -> Duration {
+        let s = self.settings();
+        s.queue_timeout.max(timeout.unwrap_or(s.body_timeout))
+    }
+
     pub fn settings(&self) -> Arc<Settings> {
         self.settings
             .read()

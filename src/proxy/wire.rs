@@ -37,13 +37,9 @@ async fn take_connected(
         r.queue_enter();
     }
     loop {
-        let limit = || {
-            let s = shared.settings();
-            s.queue_timeout.max(timeout.unwrap_or(s.body_timeout))
-        };
         let (slot, waited) = match shared
             .pool
-            .acquire_watched(limit, || client_closed(client))
+            .acquire_watched(|| shared.queue_limit(timeout), || client_closed(client))
             .await
         {
             Ok(s) => s,
@@ -714,7 +710,7 @@ async fn pump(
     // The slot's busy count in the metrics goes with it: dropped when the pump ends, which is
     // when the slot goes back (or its worker is given up).
     (slot, _slot_meter): (Slot, Option<crate::logging::SlotMeter>),
-    conn: WireConn,
+    mut conn: WireConn,
     pending: VecDeque<Bytes>,
     timeout: std::time::Duration,
     mut tx: Queue,
@@ -724,7 +720,6 @@ async fn pump(
             return give_up(shared, slot, conn, timeout).await;
         }
     }
-    let mut conn = conn;
     loop {
         match tokio::time::timeout(timeout, conn.next_frame()).await {
             Ok(Ok(Frame::Body(b))) => {
