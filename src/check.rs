@@ -274,6 +274,17 @@ fn environment(cfg: &Config, r: &mut Report) {
         },
         Err(e) => r.error(&format!("bind address {}: {e}", cfg.bind)),
     }
+    if cfg.pool && matches!(cfg.app.kind, AppKind::Wsgi { .. }) {
+        let dir = cfg.body_temp_dir.display();
+        match crate::proxy::spool_file(&cfg.body_temp_dir) {
+            Ok(_) => r.ok(&format!(
+                "body_temp_dir {dir} takes request bodies over body_buffer_size"
+            )),
+            Err(e) => r.error(&format!(
+                "body_temp_dir {dir}: cannot create a file there: {e} (request bodies over body_buffer_size would get 500)"
+            )),
+        }
+    }
     let w = &cfg.workers;
     if cfg.app.preload {
         r.note("preload = true: the app is imported once in a warm process and the workers are forked from it (imports that start threads: see workers.toml(5))");

@@ -172,6 +172,16 @@ impl<'de> Deserialize<'de> for Count {
     }
 }
 
+/// Where request bodies over `body_buffer_size` go by default: `$TMPDIR`, else `/var/tmp` (on
+/// disk by the FHS, unlike a tmpfs `/tmp`; private to the service under the packaged unit's
+/// `PrivateTmp=yes`).
+fn default_body_temp_dir() -> PathBuf {
+    match std::env::var_os("TMPDIR") {
+        Some(d) if Path::new(&d).is_absolute() => PathBuf::from(d),
+        _ => PathBuf::from("/var/tmp"),
+    }
+}
+
 /// The file as written: every key optional, unknown keys rejected.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -181,6 +191,8 @@ pub struct RawConfig {
     pub daemon: Option<bool>,
     pub backlog: Option<i64>,
     pub limit_request_body: Option<Size>,
+    pub body_buffer_size: Option<Size>,
+    pub body_temp_dir: Option<String>,
     pub limit_request_header: Option<Size>,
     pub limit_request_fields: Option<i64>,
     pub limit_request_line: Option<i64>,
@@ -326,6 +338,10 @@ pub struct Config {
     pub daemon: bool,
     pub backlog: u32,
     pub limit_request_body: u64,
+    /// Request bodies longer than this are written to a file in `body_temp_dir` instead of
+    /// being held in the master's memory.
+    pub body_buffer_size: usize,
+    pub body_temp_dir: PathBuf,
     pub limit_request_header: usize,
     pub limit_request_fields: usize,
     /// Longest request line (method, target, version), 0 = no limit of its own.
@@ -582,6 +598,29 @@ impl RawConfig {
             ));
         }
         let limit_request_body = self.limit_request_body.map(|s| s.0).unwrap_or(50 << 20);
+        let body_buffer_size = self.body_buffer_size.map(|s| s.0).unwrap_or(64 << 10);
+        if body_buffer_size > 1 << 30 {
+            return Err(err(
+                "",
+                "body_buffer_size",
+                format!("must be at most 1GiB, found {body_buffer_size} bytes"),
+            ));
+        }
+        let body_temp_dir = match self.body_temp_dir.as_deref() {
+            Some("") => return Err(err("", "body_temp_dir", "must not be empty".into())),
+            Some(d) => {
+                let dir = resolve_path(d);
+                if !dir.is_dir() {
+                    return Err(err(
+                        "",
+                        "body_temp_dir",
+                        format!("{} is not an existing directory", dir.display()),
+                    ));
+                }
+                dir
+            }
+            None => default_body_temp_dir(),
+        };
         let limit_request_header = self.limit_request_header.map(|s| s.0).unwrap_or(64 << 10);
         if !(8192..=(16 << 20)).contains(&limit_request_header) {
             return Err(err(
@@ -964,6 +1003,8 @@ impl RawConfig {
             daemon: self.daemon.unwrap_or(false),
             backlog: backlog as u32,
             limit_request_body,
+            body_buffer_size: body_buffer_size as usize,
+            body_temp_dir,
             limit_request_header: limit_request_header as usize,
             limit_request_fields: limit_request_fields as usize,
             limit_request_line,
@@ -1097,6 +1138,11 @@ impl Config {
         line("daemon", self.daemon.to_string());
         line("backlog", self.backlog.to_string());
         line("limit_request_body", self.limit_request_body.to_string());
+        line("body_buffer_size", self.body_buffer_size.to_string());
+        line(
+            "body_temp_dir",
+            format!("\"{}\"", self.body_temp_dir.display()),
+        );
         line(
             "limit_request_header",
             self.limit_request_header.to_string(),

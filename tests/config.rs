@@ -385,3 +385,18 @@ fn pipeline_out_of_range_is_rejected() {
     assert_names(&out, &text, "pipeline = 0", "pipeline");
     assert!(out.all().contains("1..=8"), "{}", out.dump());
 }
+
+#[test]
+fn a_body_temp_dir_that_does_not_exist_is_rejected() {
+    let body = VALID.replace(
+        "pidfile =",
+        "body_temp_dir = \"/nonexistent/spool\"\npidfile =",
+    );
+    let (_d, out, text) = expect_invalid("body_temp_dir_missing", &body);
+    assert_names(&out, &text, "/nonexistent/spool", "body_temp_dir");
+    assert!(
+        out.all().contains("not an existing directory"),
+        "{}",
+        out.all()
+    );
+}

@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
+use wire::Piece;
 
 use crate::config::{AppKind, Config};
 use crate::logging::{AccessLog, AccessRecord};
@@ -36,6 +37,9 @@ use pool::IdlePool;
 #[derive(Debug)]
 pub struct Settings {
     pub limit_request_body: u64,
+    /// Request bodies longer than this are spooled to a file in `body_temp_dir`.
+    pub body_buffer_size: usize,
+    pub body_temp_dir: std::path::PathBuf,
     pub ready_path: String,
     pub trusted: TrustedProxies,
     pub server: ServerInfo,
@@ -69,6 +73,8 @@ impl Settings {
     pub fn from_config(cfg: &Config) -> Self {
         Settings {
             limit_request_body: cfg.limit_request_body,
+            body_buffer_size: cfg.body_buffer_size,
+            body_temp_dir: cfg.body_temp_dir.clone(),
             ready_path: cfg.ready_path.clone(),
             trusted: TrustedProxies::new(&cfg.forwarded_allow_ips),
             server: ServerInfo {
@@ -297,50 +303,116 @@ pub fn message_error<B>(req: &Request<B>) -> Option<StatusCode> {
     None
 }
 
-/// A request body as it arrives. The first piece is kept as it is (a body in one piece, the usual
-/// case, costs no copy); from the second on, the pieces are copied into one buffer. Each piece
-/// hyper hands over shares its read buffer, so keeping a thousand one-byte pieces would keep a
-/// thousand buffers: a 400 KB body sent in 1-byte segments had cost the master 930 MiB.
-struct BodyBuf {
+/// A request body as it arrives, kept in memory up to `body_buffer_size` bytes and beyond that
+/// written to a spool file (as nginx's `client_body_buffer_size` / `client_body_temp_path`), so
+/// that a thousand large uploads cost the master disk, not a thousand buffers of memory.
+///
+/// In memory, the first piece is kept as it is (a body in one piece, the usual case, costs no
+/// copy); from the second on, the pieces are copied into one buffer. Each piece hyper hands over
+/// shares its read buffer, so keeping a thousand one-byte pieces would keep a thousand buffers: a
+/// 400 KB body sent in 1-byte segments had cost the master 930 MiB.
+struct BodyBuf<'a> {
     first: Option<Bytes>,
     rest: bytes::BytesMut,
     /// The Content-Length (0 if none), already checked against the limit.
     announced: usize,
+    /// Once the body outgrew `in_memory`: the file it is written to, and its length.
+    spool: Option<(std::fs::File, u64)>,
+    in_memory: usize,
+    temp_dir: &'a std::path::Path,
 }
 
-impl BodyBuf {
-    fn new(announced: usize) -> Self {
+impl<'a> BodyBuf<'a> {
+    fn new(announced: usize, settings: &'a Settings) -> Self {
         BodyBuf {
             first: None,
             rest: bytes::BytesMut::new(),
             announced,
+            spool: None,
+            in_memory: settings.body_buffer_size,
+            temp_dir: &settings.body_temp_dir,
         }
     }
 
-    fn push(&mut self, data: Bytes) {
+    fn push(&mut self, data: Bytes) -> std::io::Result<()> {
+        use std::io::Write;
         if data.is_empty() {
-            return;
+            return Ok(());
+        }
+        if let Some((file, len)) = self.spool.as_mut() {
+            file.write_all(&data)?;
+            *len += data.len() as u64;
+            return Ok(());
+        }
+        let held = self.first.as_ref().map_or(0, Bytes::len) + self.rest.len();
+        if held + data.len() > self.in_memory || self.announced > self.in_memory {
+            let mut file = spool_file(self.temp_dir)?;
+            let first = self.first.take().unwrap_or_default();
+            let rest = std::mem::take(&mut self.rest);
+            let mut len = 0;
+            for b in [&first[..], &rest[..], &data[..]] {
+                file.write_all(b)?;
+                len += b.len() as u64;
+            }
+            self.spool = Some((file, len));
+            return Ok(());
         }
         if self.rest.is_empty() {
             let Some(first) = self.first.take() else {
                 self.first = Some(data);
-                return;
+                return Ok(());
             };
-            // The announced length sizes the buffer once, but at most 1 MiB of it up front: it
-            // is only announced, and a client could announce 50 MiB and trickle; beyond that the
-            // buffer grows with what arrives.
+            // The announced length sizes the buffer once (it is at most `in_memory` here).
             self.rest
-                .reserve(self.announced.min(1 << 20).max(first.len() + data.len()));
+                .reserve(self.announced.max(first.len() + data.len()));
             self.rest.extend_from_slice(&first);
         }
         self.rest.extend_from_slice(&data);
+        Ok(())
     }
 
-    fn into_chunks(self) -> Vec<Bytes> {
+    fn into_pieces(self) -> Vec<Piece> {
+        if let Some((file, len)) = self.spool {
+            return vec![Piece::File(Arc::new(file), len)];
+        }
         match self.first {
-            Some(first) => vec![first],
+            Some(first) => vec![Piece::Mem(first)],
             None if self.rest.is_empty() => Vec::new(),
-            None => vec![self.rest.freeze()],
+            None => vec![Piece::Mem(self.rest.freeze())],
+        }
+    }
+}
+
+/// A new anonymous file in `dir` for a request body: `O_TMPFILE` (it has no name, so nothing is
+/// left behind whatever happens to the master), or where the file system cannot do that a file
+/// created under a random name and unlinked at once. Mode 0600.
+pub fn spool_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let anonymous = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir);
+    match anonymous {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {}
+        r => return r,
+    }
+    loop {
+        let path = dir.join(format!(".gte-body-{:016x}", rand::random::<u64>()));
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(f) => {
+                std::fs::remove_file(&path)?;
+                return Ok(f);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
         }
     }
 }
@@ -512,7 +584,7 @@ pub async fn handle(
     // Read the whole body first: a slow upload never holds a Python worker.
     let has_body = parts.headers.contains_key(header::CONTENT_LENGTH)
         || parts.headers.contains_key(header::TRANSFER_ENCODING);
-    let mut read = BodyBuf::new(announced);
+    let mut read = BodyBuf::new(announced, &settings);
     let mut total: u64 = 0;
     if has_body {
         loop {
@@ -533,14 +605,20 @@ pub async fn handle(
                         if total > settings.limit_request_body {
                             return Ok(shared.reject_closing(StatusCode::PAYLOAD_TOO_LARGE, record));
                         }
-                        read.push(data);
+                        if let Err(e) = read.push(data) {
+                            // nginx answers 500 when it cannot write its client_body_temp_path.
+                            tracing::error!(dir = %settings.body_temp_dir.display(), error = %e, "cannot spool a request body to body_temp_dir; answered 500");
+                            return Ok(
+                                shared.reject_closing(StatusCode::INTERNAL_SERVER_ERROR, record)
+                            );
+                        }
                     }
                 }
                 Err(_) => return Ok(shared.reject(StatusCode::BAD_REQUEST, record)),
             }
         }
     }
-    let chunks = read.into_chunks();
+    let body = read.into_pieces();
     let trusted_peer = settings.trusted.contains(peer.ip());
     let scheme = if trusted_peer {
         match forwarded_scheme(&parts.headers) {
@@ -583,7 +661,7 @@ pub async fn handle(
     Ok(wire::forward(
         &shared,
         Bytes::from(frame),
-        chunks,
+        body,
         record,
         timeout,
         wire::RequestInfo {

@@ -23,7 +23,7 @@ use crate::logging::AccessRecord;
 use crate::worker::protocol::{self, Frame};
 use crate::worker::{Conn, Slot, WireConn};
 
-pub use crate::worker::lane::WireError;
+pub use crate::worker::lane::{Piece, WireError};
 
 /// Takes an idle slot with an open connection to its worker (connecting on first use).
 async fn take_connected(
@@ -151,7 +151,7 @@ struct ClientEnd<'a> {
 pub async fn forward(
     shared: &Arc<Shared>,
     request: Bytes,
-    body: Vec<Bytes>,
+    body: Vec<Piece>,
     mut record: Option<AccessRecord>,
     timeout: Option<std::time::Duration>,
     info: RequestInfo,

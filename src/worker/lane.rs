@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::Interest;
 use tokio::net::UnixStream;
 
 use super::protocol::{self, Frame, ProtocolError};
@@ -47,11 +48,50 @@ impl std::fmt::Display for WireError {
 
 impl std::error::Error for WireError {}
 
+/// A piece of a request as handed to [`WireConn::begin`]: bytes in memory, or a request body
+/// the master spooled to a file (`len` bytes from its start), which goes to the worker with
+/// `sendfile` and is never read back into the master's memory.
+#[derive(Clone, Debug)]
+pub enum Piece {
+    Mem(Bytes),
+    File(Arc<std::fs::File>, u64),
+}
+
+/// A piece waiting to be written: what is left of it.
+enum Out {
+    Mem(Bytes),
+    File {
+        file: Arc<std::fs::File>,
+        pos: u64,
+        end: u64,
+    },
+}
+
+impl Out {
+    fn len(&self) -> u64 {
+        match self {
+            Out::Mem(b) => b.len() as u64,
+            Out::File { pos, end, .. } => end - pos,
+        }
+    }
+
+    /// `n` bytes of it were written (at most its length).
+    fn advance(&mut self, n: u64) {
+        match self {
+            Out::Mem(b) => b.advance(n as usize),
+            Out::File { pos, .. } => *pos += n,
+        }
+    }
+}
+
+/// The most one `sendfile` call moves (the socket takes less when its buffer is full).
+const SENDFILE_MAX: u64 = 1 << 20;
+
 struct State {
     /// None once the lane is broken (the socket is closed then).
     stream: Option<UnixStream>,
     buf: BytesMut,
-    out: VecDeque<Bytes>,
+    out: VecDeque<Out>,
     /// Bytes ever queued in `out` / ever written: a request's bytes are out once `written`
     /// reaches the offset its ticket recorded.
     queued: u64,
@@ -110,22 +150,40 @@ impl State {
                 }
                 return Poll::Pending;
             }
-            let mut iov = [IoSlice::new(&[]); 64];
-            let n = self.out.len().min(iov.len());
-            for (slot, b) in iov.iter_mut().zip(self.out.iter()) {
-                *slot = IoSlice::new(b);
-            }
-            match stream.try_write_vectored(&iov[..n]) {
+            let r = match self.out.front() {
+                Some(Out::File { file, pos, end }) => {
+                    let mut off = *pos as libc::off64_t;
+                    let count = (end - pos).min(SENDFILE_MAX) as usize;
+                    stream.try_io(Interest::WRITABLE, || {
+                        nix::sys::sendfile::sendfile64(stream, &**file, Some(&mut off), count)
+                            .map_err(io::Error::from)
+                    })
+                }
+                _ => {
+                    // The pieces in memory up to the first file piece, in one writev.
+                    let mut iov = [IoSlice::new(&[]); 64];
+                    let mut n = 0;
+                    for (slot, o) in iov.iter_mut().zip(self.out.iter()) {
+                        let Out::Mem(b) = o else { break };
+                        *slot = IoSlice::new(b);
+                        n += 1;
+                    }
+                    stream.try_write_vectored(&iov[..n])
+                }
+            };
+            match r {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(mut n) => {
-                    self.written += n as u64;
+                Ok(n) => {
+                    let mut n = n as u64;
+                    self.written += n;
                     for w in self.write_waiters.drain(..) {
                         w.wake();
                     }
                     while n > 0 {
                         let front = self.out.front_mut().expect("written <= pending");
-                        if n >= front.len() {
-                            n -= front.len();
+                        let len = front.len();
+                        if n >= len {
+                            n -= len;
                             self.out.pop_front();
                         } else {
                             front.advance(n);
@@ -235,7 +293,7 @@ impl WireConn {
     pub fn begin(
         &mut self,
         head: Bytes,
-        body: impl IntoIterator<Item = Bytes>,
+        body: impl IntoIterator<Item = Piece>,
         resendable: bool,
     ) -> bool {
         debug_assert!(self.ticket.is_none(), "one request at a time per handle");
@@ -243,10 +301,20 @@ impl WireConn {
         let t = st.next;
         st.next += 1;
         st.queued += head.len() as u64;
-        st.out.push_back(head);
-        for b in body {
-            st.queued += b.len() as u64;
-            st.out.push_back(b);
+        st.out.push_back(Out::Mem(head));
+        for p in body {
+            let o = match p {
+                Piece::Mem(b) => Out::Mem(b),
+                Piece::File(file, len) => Out::File {
+                    file,
+                    pos: 0,
+                    end: len,
+                },
+            };
+            if o.len() > 0 {
+                st.queued += o.len();
+                st.out.push_back(o);
+            }
         }
         let end = st.queued;
         let behind = t != st.head;
@@ -422,7 +490,7 @@ mod tests {
         assert!(!one.begin(Bytes::from_static(b"req1"), [], false));
         assert!(two.begin(
             Bytes::from_static(b"req2"),
-            [Bytes::from_static(b"+body")],
+            [Piece::Mem(Bytes::from_static(b"+body"))],
             false
         ));
         // The second ticket waits (it is not the head) but still writes both requests.

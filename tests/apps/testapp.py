@@ -3,6 +3,7 @@
 Routes (anything else is 404):
   /                  plain "hello from testapp"
   /echo              the request body back as JSON: length, body (latin-1), CONTENT_LENGTH, keys
+  /sum               JSON of the request body's length and zlib.adler32 (for large uploads)
   /env, /env/...     JSON of selected environ keys (PEP 3333 checks)
   /big               1 MiB deterministic bytes ((i*31+7) % 251) with Content-Length;
                      ?stream=1 yields it in 64 KiB pieces without Content-Length; ?mib=N
@@ -30,6 +31,7 @@ import json
 import os
 import sys
 import time
+import zlib
 from urllib.parse import parse_qs
 
 _PATTERN = bytes((i * 31 + 7) % 251 for i in range(251))
@@ -129,6 +131,10 @@ def app(environ, start_response):
             "content_type": environ.get("CONTENT_TYPE"),
             "keys": sorted(k for k in environ),
         })
+
+    if path == "/sum":
+        body = read_body(environ)
+        return as_json(start_response, {"length": len(body), "adler32": zlib.adler32(body)})
 
     if path == "/env" or path.startswith("/env/"):
         out = {k: environ[k] for k in SELECTED if k in environ}
