@@ -290,3 +290,92 @@ fn import_failure_in_the_warm_process_exits_3_with_the_traceback() {
         out.dump()
     );
 }
+
+/// A reload whose import fails leaves the previous configuration's workers serving, and its warm
+/// process is kept: a worker of it that dies is replaced by a fork of it (the previous code), so
+/// the pool does not shrink while the new code is broken. Once the import succeeds (the master
+/// retries it with backoff), the new workers take over and the kept warm process goes.
+#[test]
+fn a_failed_reload_keeps_the_previous_warm_process_to_replace_dying_workers() {
+    let fx = start_preload("preload_failed_reload", |c| {
+        c.set("workers", "count", "2")
+            .set("workers", "max_requests", "20")
+    });
+    let old_warm = warm_pid(&fx).unwrap();
+    let first = who_concurrently(&fx, 2);
+    let old_pids: Vec<u32> = first.iter().map(|w| w.pid).collect();
+    fs::write(fx.dir.join("app/import_fails"), b"").unwrap();
+    fx.srv.signal(libc_sighup());
+    fx.srv
+        .wait_error_log_line("the failed import", Duration::from_secs(30), |l| {
+            l.contains("the warm process failed to import the application")
+        });
+    let cfg = fx.srv.config.to_str().unwrap().to_owned();
+    let status = run_bin(&fx.dir, &["status", "-c", &cfg], Duration::from_secs(20));
+    assert!(
+        status
+            .stdout
+            .contains(&format!("previous warm process pid {old_warm} ")),
+        "{}",
+        status.dump()
+    );
+
+    // One of the previous configuration's workers dies: a fork of the kept warm process
+    // replaces it.
+    assert!(send_signal(old_pids[0], SIGKILL));
+    let dead = format!("pid={} ", old_pids[0]);
+    fx.srv
+        .wait_error_log_line("the worker's death", Duration::from_secs(20), |l| {
+            l.contains("worker exited unexpectedly") && l.contains(&dead)
+        });
+    let replacement = wait_until(
+        "a replacement forked from the previous warm process",
+        Duration::from_secs(40),
+        || {
+            let w = who_concurrently(&fx, 2);
+            w.iter()
+                .find(|w| !old_pids.contains(&w.pid))
+                .cloned()
+                .filter(|_| w.iter().all(|w| w.version == "1"))
+        },
+    );
+    assert_eq!(replacement.import_pid, old_warm, "{replacement:?}");
+    assert_eq!(replacement.ppid, fx.srv.pid);
+
+    // Recycling goes on too (max_requests = 20): every request is answered, and new workers
+    // forked from the previous warm process take over.
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 2 && Instant::now() < deadline {
+        let w = who(&fx.srv.get("/who"));
+        assert_eq!((w.import_pid, w.version.as_str()), (old_warm, "1"));
+        if !old_pids.contains(&w.pid) && w.pid != replacement.pid {
+            seen.insert(w.pid);
+        }
+    }
+    assert!(
+        seen.len() >= 2,
+        "no recycling while the new import fails: new workers {seen:?}\n{}",
+        fx.srv.diagnostics()
+    );
+
+    // The code is fixed: the retried import succeeds, version 2 serves, the kept warm process
+    // and the previous workers go.
+    fs::write(fx.dir.join("app/version.txt"), "2\n").unwrap();
+    fs::remove_file(fx.dir.join("app/import_fails")).unwrap();
+    fx.srv
+        .wait_error_log_line("reload complete", Duration::from_secs(60), |l| {
+            l.contains("reload complete")
+        });
+    assert_eq!(who(&fx.srv.get("/who")).version, "2");
+    wait_until(
+        "the previous warm process and its workers gone",
+        Duration::from_secs(30),
+        || {
+            let alive = [old_warm, old_pids[1], replacement.pid]
+                .iter()
+                .any(|&p| pid_alive(p) && proc_state(p) != Some('Z'));
+            (!alive).then_some(())
+        },
+    );
+}

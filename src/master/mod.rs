@@ -144,6 +144,15 @@ pub struct Master {
     pidfile_home: Option<PathBuf>,
     /// The warm process workers are forked from (`preload = true`).
     warm: Option<WarmRec>,
+    /// After a reload: the previous configuration's warm process (ready), kept until the new one
+    /// has imported the app, to replace workers of the previous configuration that die meanwhile
+    /// (a new import that fails would otherwise let the pool shrink to nothing).
+    fallback: Option<WarmRec>,
+    /// A warm process that failed to import is started again only after this (1 s, 2 s, 4 s …
+    /// at most 30 s after consecutive failures, counted here). Kept apart from the workers'
+    /// backoff, so that forks of the kept warm process are not held up by it.
+    warm_retry_at: Option<Instant>,
+    warm_failures: u32,
     /// Zombie children seen at the last sweep that nobody reaped (orphans handed to us as the
     /// child subreaper); reaped if still there at the next one.
     zombies_seen: Vec<u32>,
@@ -245,6 +254,9 @@ impl Master {
             upgrading: None,
             pidfile_home: None,
             warm: None,
+            fallback: None,
+            warm_retry_at: None,
+            warm_failures: 0,
             zombies_seen: Vec::new(),
             next_orphan_sweep: Instant::now() + ORPHAN_SWEEP_EVERY,
             processes,
@@ -304,8 +316,11 @@ impl Master {
     fn next_wakeup(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
         let mut t = far.min(self.next_orphan_sweep);
-        if let Some(s) = self.spawn_not_before {
-            t = t.min(s);
+        for at in [self.spawn_not_before, self.warm_retry_at]
+            .into_iter()
+            .flatten()
+        {
+            t = t.min(at);
         }
         if let Some((_, at)) = self.watchdog {
             t = t.min(at);
@@ -334,6 +349,9 @@ impl Master {
         self.processes.on_timer(now);
         if self.spawn_not_before.is_some_and(|t| t <= now) {
             self.spawn_not_before = None;
+        }
+        if self.warm_retry_at.is_some_and(|t| t <= now) {
+            self.warm_retry_at = None;
         }
         if self.next_orphan_sweep <= now {
             self.next_orphan_sweep = now + ORPHAN_SWEEP_EVERY;
@@ -401,7 +419,12 @@ impl Master {
             Event::WarmExited { pid, status } => self.on_warm_exited(pid, status),
             Event::BudgetSpent { id } => {
                 if let Some(w) = self.workers.get_mut(&id) {
-                    if w.state == WorkerState::Ready && w.replace.is_none() {
+                    // (Workers of the previous configuration are recycled too while they stand in
+                    // for a new one whose import failed: see `fallback`.)
+                    let stand_in = w.replace == Some(ReplaceReason::Reload)
+                        && self.fallback.is_some()
+                        && !self.warm.as_ref().is_some_and(|r| r.ready);
+                    if w.state == WorkerState::Ready && (w.replace.is_none() || stand_in) {
                         tracing::info!(
                             worker = id,
                             pid = w.info.pid(),
@@ -602,6 +625,8 @@ impl Master {
                     import_ms = rec.started.elapsed().as_millis() as u64,
                     "warm process ready: the app is imported; forking workers from it"
                 );
+                self.warm_failures = 0;
+                self.retire_fallback("the new one is ready");
             }
             Err(traceback) => {
                 self.warm = None;
@@ -613,7 +638,10 @@ impl Master {
                     self.fail_boot(&traceback);
                     return;
                 }
-                let delay = self.back_off_spawns();
+                self.warm_failures += 1;
+                let delay = Duration::from_millis(500u64 << self.warm_failures.min(6))
+                    .min(Duration::from_secs(30));
+                self.warm_retry_at = Some(Instant::now() + delay);
                 tracing::error!(pid, reason = "crash", backoff_ms = delay.as_millis() as u64, "the warm process failed to import the application (the running workers keep serving)\n{traceback}");
             }
         }
@@ -621,6 +649,13 @@ impl Master {
 
     fn on_warm_exited(&mut self, pid: u32, status: ExitStatus) {
         let how = describe_status(&status);
+        if self.fallback.as_ref().is_some_and(|r| r.warm.pid == pid) {
+            self.fallback = None;
+            if self.phase == Phase::Running {
+                tracing::warn!(pid, status = %how, "the previous configuration's warm process exited; its workers keep serving, but those that die can no longer be replaced until the new configuration's app imports");
+                return;
+            }
+        }
         if self.warm.as_ref().is_some_and(|r| r.warm.pid == pid) {
             self.warm = None;
             if self.phase == Phase::Running {
@@ -640,14 +675,28 @@ impl Master {
                 self.warm = Some(rec);
                 return;
             }
-            tracing::info!(
-                pid = rec.warm.pid,
-                generation = rec.generation,
-                "retiring the warm process of an older configuration"
-            );
-            rec.warm.terminate();
+            if wanted && rec.ready {
+                // Kept until the new one is ready (see `fallback`).
+                tracing::info!(
+                    pid = rec.warm.pid,
+                    generation = rec.generation,
+                    "keeping the warm process of the previous configuration until the new one has imported the app"
+                );
+                self.retire_fallback("an older one is kept instead");
+                self.fallback = Some(rec);
+            } else {
+                tracing::info!(
+                    pid = rec.warm.pid,
+                    generation = rec.generation,
+                    "retiring the warm process of an older configuration"
+                );
+                rec.warm.terminate();
+            }
         }
-        if !wanted || self.spawn_not_before.is_some() {
+        if !wanted {
+            self.retire_fallback("preload is off");
+        }
+        if !wanted || self.spawn_not_before.is_some() || self.warm_retry_at.is_some() {
             return;
         }
         let ctx = SpawnContext {
@@ -673,6 +722,18 @@ impl Master {
         }
     }
 
+    /// Ends the previous configuration's warm process, if one is kept (see `fallback`).
+    fn retire_fallback(&mut self, why: &str) {
+        if let Some(rec) = self.fallback.take() {
+            tracing::info!(
+                pid = rec.warm.pid,
+                generation = rec.generation,
+                "retiring the warm process of the previous configuration: {why}"
+            );
+            rec.warm.terminate();
+        }
+    }
+
     /// Reaps zombie children nobody else waits for: processes a worker started and left behind
     /// are re-parented to the master (a child subreaper, for preload). A zombie is reaped only
     /// when it was already one at the previous sweep, so children tokio waits for are never
@@ -691,7 +752,9 @@ impl Master {
                 .filter_map(|p| p.parse::<u32>().ok())
             {
                 if self.workers.values().any(|w| w.info.pid() == pid)
-                    || self.warm.as_ref().is_some_and(|r| r.warm.pid == pid)
+                    || [&self.warm, &self.fallback]
+                        .iter()
+                        .any(|r| r.as_ref().is_some_and(|r| r.warm.pid == pid))
                 {
                     continue;
                 }
@@ -1010,6 +1073,13 @@ impl Master {
                 rec.started.elapsed().as_secs()
             );
         }
+        if let Some(rec) = &self.fallback {
+            let _ = writeln!(
+                out,
+                "previous warm process pid {} generation {}, kept until the new one is ready",
+                rec.warm.pid, rec.generation,
+            );
+        }
         let _ = writeln!(
             out,
             "{:>6} {:>8} {:<9} {:>9} {:>9} {:>7}  note",
@@ -1230,6 +1300,7 @@ impl Master {
         if let Some(rec) = self.warm.take() {
             rec.warm.terminate();
         }
+        self.retire_fallback("stopping");
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         for id in ids {
             if let Some(w) = self.workers.get_mut(&id) {
@@ -1354,24 +1425,44 @@ impl Master {
     }
 
     fn spawn_one(&mut self) -> bool {
+        self.spawn_worker(false)
+    }
+
+    /// Starts a worker of the current configuration, or (`from_fallback`) forks one of the
+    /// previous configuration from its kept warm process.
+    fn spawn_worker(&mut self, from_fallback: bool) -> bool {
         let preload = self.cfg.app.preload;
-        if preload && !self.warm.as_ref().is_some_and(|r| r.ready) {
-            return false; // the warm process is still importing: fork when it is ready
-        }
+        let (warm, generation) = if from_fallback {
+            match &self.fallback {
+                Some(rec) => (Some(rec), rec.generation),
+                None => return false,
+            }
+        } else {
+            if preload && !self.warm.as_ref().is_some_and(|r| r.ready) {
+                return false; // the warm process is still importing: fork when it is ready
+            }
+            (self.warm.as_ref().filter(|_| preload), self.generation)
+        };
         let id = self.next_id;
-        self.next_id += 1;
         let ctx = SpawnContext {
             runtime_dir: &self.runtime_dir,
             events: self.events_tx.clone(),
             master_pid: std::process::id(),
         };
-        let spawned = match self.warm.as_ref().filter(|_| preload) {
+        let spawned = match warm {
             Some(rec) => rec.warm.fork_worker(&self.cfg, id, &ctx),
             None => spawn::spawn_worker(&self.cfg, id, &ctx),
         };
-        if spawned.is_err() && preload {
-            // The warm process cannot take requests: replace it (ensure_warm, next reconcile).
-            if let Some(rec) = self.warm.take() {
+        self.next_id += 1;
+        if spawned.is_err() && warm.is_some() {
+            // The warm process cannot take requests: replace it (ensure_warm, next reconcile),
+            // or stop forking from the previous one.
+            let rec = if from_fallback {
+                self.fallback.take()
+            } else {
+                self.warm.take()
+            };
+            if let Some(rec) = rec {
                 rec.warm.terminate();
             }
         }
@@ -1398,7 +1489,7 @@ impl Master {
                     // Forked by the warm process: its pid comes with the fork ("worker forked").
                     tracing::info!(
                         worker = id,
-                        generation = self.generation,
+                        generation,
                         budget,
                         "worker spawned (fork requested from the warm process)"
                     );
@@ -1406,7 +1497,7 @@ impl Master {
                     tracing::info!(
                         worker = id,
                         pid = sp.pid,
-                        generation = self.generation,
+                        generation,
                         budget,
                         "worker spawned"
                     );
@@ -1419,10 +1510,11 @@ impl Master {
                     WorkerRec {
                         info,
                         state: WorkerState::Starting,
-                        generation: self.generation,
+                        generation,
                         started: Instant::now(),
                         ready_at: None,
-                        replace: None,
+                        // A stand-in of the previous configuration is replaced like the others.
+                        replace: from_fallback.then_some(ReplaceReason::Reload),
                         reason: None,
                         kill_at: None,
                         health_failures: 0,
@@ -1534,6 +1626,27 @@ impl Master {
                 self.retire(id, "resize");
             }
         }
+        // Preload, after a reload whose warm process has not imported the app (yet, or at all):
+        // workers of the previous configuration that die, or are to be recycled, are replaced by
+        // forks of its kept warm process, so the pool keeps its size on the previous code.
+        let fallback_gen = self
+            .fallback
+            .as_ref()
+            .filter(|_| !self.warm.as_ref().is_some_and(|r| r.ready))
+            .map(|r| r.generation);
+        if fallback_gen.is_some() && self.spawn_not_before.is_none() {
+            // (Those flagged for themselves, e.g. max_requests, are to be replaced too.)
+            let serving = self
+                .workers
+                .values()
+                .filter(|w| w.serving() && matches!(w.replace, None | Some(ReplaceReason::Reload)))
+                .count();
+            for _ in serving..desired {
+                if !self.spawn_worker(true) || self.phase != Phase::Running {
+                    break;
+                }
+            }
+        }
         // Old generation or flagged workers: retire once enough fresh ones are ready.
         let ready_fresh = self
             .workers
@@ -1548,12 +1661,17 @@ impl Master {
             .workers
             .values()
             .filter(|w| w.serving() && (w.replace.is_some() || w.generation != self.generation))
+            // (A fork of the kept warm process that is still starting is not retired for being
+            // of the previous configuration: it was started to stand in for one.)
+            .filter(|w| !(w.state == WorkerState::Starting && Some(w.generation) == fallback_gen))
             .map(|w| {
                 let reason = w.replace.map(|r| r.as_str()).unwrap_or("reload");
                 (w.info.id, reason, w.state == WorkerState::Ready)
             })
             .collect();
-        flagged.sort_by_key(|(id, _, ready)| (*ready, *id));
+        // Starting ones first, then those flagged for themselves (max_requests, memory, health)
+        // before those only of an older configuration, oldest first.
+        flagged.sort_by_key(|(id, reason, ready)| (*ready, *reason == "reload", *id));
         let mut total_ready = ready_fresh + flagged.iter().filter(|f| f.2).count();
         for (id, reason, ready) in flagged {
             if !ready {
