@@ -1356,6 +1356,11 @@ fn requests_the_rfcs_refuse_get_a_clear_status_and_a_closed_connection() {
             400,
         ),
         (
+            "a target with user info",
+            b"GET http://user@a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+        ),
+        (
             "a coding the server does not know",
             b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
             501,
@@ -1397,6 +1402,7 @@ fn requests_the_rfcs_refuse_get_a_clear_status_and_a_closed_connection() {
         b"GET / HTTP/1.1\r\nHost: [::1]:8000\r\n\r\n",
         b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
         b"GET http://a/env HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET http://t.example:81/env HTTP/1.1\r\nHost: other.example\r\n\r\n",
     ] {
         let mut h = fx.srv.connect();
         h.send(ok);
@@ -1406,6 +1412,13 @@ fn requests_the_rfcs_refuse_get_a_clear_status_and_a_closed_connection() {
         if ok.starts_with(b"GET http:") {
             // absolute-form: the app sees the path
             assert_eq!(r.json().get("PATH_INFO").str(), Some("/env"));
+        }
+        if ok.starts_with(b"GET http://t.") {
+            // ... and the target's host, not the Host header's (RFC 9112 §3.2.2)
+            let j = r.json();
+            assert_eq!(j.get("HTTP_HOST").str(), Some("t.example:81"));
+            assert_eq!(j.get("SERVER_NAME").str(), Some("t.example"));
+            assert_eq!(j.get("SERVER_PORT").str(), Some("81"));
         }
     }
     // Content-Length with Transfer-Encoding: read as chunked (the length is dropped), answered,

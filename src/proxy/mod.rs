@@ -252,6 +252,15 @@ pub fn message_error<B>(req: &Request<B>) -> Option<StatusCode> {
         (Some(h), None) if !valid_host(h.as_bytes()) => return Some(StatusCode::BAD_REQUEST),
         _ => {}
     }
+    // RFC 9110 §4.2.4: user info in a target ("GET http://user@host/") is treated as an error,
+    // as it is in Host.
+    if req
+        .uri()
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Some(StatusCode::BAD_REQUEST);
+    }
     if headers.contains_key(header::TRANSFER_ENCODING) {
         let mut codings = 0;
         let mut chunked = 0;

@@ -95,8 +95,13 @@ pub fn encode_request(out: &mut Vec<u8>, r: &RequestFacts<'_>) -> Result<(), Enc
         let _ = write!(out, "{}", r.remote.port());
     }
     out.push(0);
+    // RFC 9112 §3.2.2: for an absolute-form target ("GET http://host/path") the host is the
+    // target's, and a Host header is ignored: HTTP_HOST, SERVER_NAME and SERVER_PORT all come
+    // from the target. (One with user info never gets here: see `message_error`.)
+    let target_host = r.uri.authority().map(|a| a.as_str().as_bytes());
     // SERVER_NAME / SERVER_PORT from Host when present (as gunicorn does), else the listener.
-    let (name, port) = match r.headers.get(header::HOST).map(|h| h.as_bytes()) {
+    let host = target_host.or_else(|| r.headers.get(header::HOST).map(|h| h.as_bytes()));
+    let (name, port) = match host {
         Some(h) if !h.is_empty() => split_host(h),
         _ => (r.server.name.as_bytes(), r.server.port.as_bytes()),
     };
@@ -122,6 +127,10 @@ pub fn encode_request(out: &mut Vec<u8>, r: &RequestFacts<'_>) -> Result<(), Enc
         use std::io::Write;
         let _ = write!(out, "\0CONTENT_LENGTH\0{}", r.body_len);
     }
+    if let Some(h) = target_host {
+        out.extend_from_slice(b"\0HTTP_HOST\0");
+        out.extend_from_slice(h);
+    }
     let mut prev: Option<&HeaderName> = None;
     for (name, value) in r.headers.iter() {
         if prev == Some(name) {
@@ -135,6 +144,7 @@ pub fn encode_request(out: &mut Vec<u8>, r: &RequestFacts<'_>) -> Result<(), Enc
         if name == header::CONTENT_TYPE
             || name == header::CONTENT_LENGTH
             || name == header::TRANSFER_ENCODING
+            || (name == header::HOST && target_host.is_some())
         {
             prev = None;
             continue;
