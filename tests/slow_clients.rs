@@ -156,7 +156,7 @@ fn a_response_waiting_for_a_slow_client_does_not_count_as_a_busy_slot() {
     stalled
         .write_all(b"GET /big?stream=1&mib=3 HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
-    // With one worker, this answer means the slot came back (3 MiB fit the master's buffer).
+    // With one worker, this answer means the slot came back (the master took all 3 MiB).
     assert_eq!(fx.srv.get("/pid").status, 200);
     let metrics = Http::connect(mport)
         .request("GET", "/metrics", &[], b"")
@@ -791,4 +791,67 @@ fn large_request_bodies_are_spooled_to_disk_not_held_in_memory() {
         l.contains("cannot spool a request body") && l.contains("spool")
     });
     assert_eq!(srv.get("/").status, 200);
+}
+
+/// A streamed response bigger than the master's memory buffer for it (1 MiB) goes on into an
+/// unnamed spool file in `body_temp_dir` (nginx's `proxy_temp_path`) instead of holding the
+/// worker: one worker serves eight 16 MiB downloads (streamed and in one piece) to clients that
+/// read nothing, then a fast request at once, with the master's peak RSS far below the 128 MiB
+/// they add up to. The clients then read their responses whole and intact, and no file is left.
+#[test]
+fn large_responses_for_slow_readers_are_spooled_and_free_the_worker() {
+    let dir = TestDir::new("response_spool");
+    let spool = dir.join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let port = free_port();
+    let conf = Conf::standard(&dir, port)
+        .set("", "body_temp_dir", &q(spool.to_str().unwrap()))
+        .set("workers", "count", "1")
+        .set("workers", "keepalive", "60");
+    let srv = Server::start(&dir, &conf);
+    let pid = srv.get("/pid").text();
+    let mut readers = Vec::new();
+    for i in 0..8 {
+        let mut c = small_window_connect(port);
+        let path = if i % 2 == 0 {
+            "/big?stream=1&mib=16"
+        } else {
+            "/big?mib=16"
+        };
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        readers.push(c);
+        // Each is taken off the worker whole before the next request gets it.
+        let t0 = Instant::now();
+        let r = srv.get("/pid");
+        assert_eq!(r.text(), pid, "{}", srv.diagnostics());
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the fast request waited {:?} behind a slow reader",
+            t0.elapsed()
+        );
+    }
+    let peak = peak_rss(srv.pid);
+    assert!(
+        peak < 64 << 20,
+        "the master's peak RSS is {} MiB with 128 MiB of responses waiting for their clients",
+        peak >> 20
+    );
+    // The fixture's 1 MiB block, ((i * 31 + 7) % 251 over i mod 251), sixteen times.
+    let expected: Vec<u8> = (0..(16usize << 20))
+        .map(|i| (((i % (1 << 20)) % 251 * 31 + 7) % 251) as u8)
+        .collect();
+    for (i, c) in readers.into_iter().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut h = Http::from_stream(c, port);
+        let r = h.read_response(false).expect("the spooled response");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), 16 << 20, "response {i}");
+        assert!(r.body == expected, "response {i} arrived changed");
+    }
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "spool files were left behind"
+    );
 }

@@ -116,6 +116,8 @@ pub struct Shared {
     stopping: std::sync::atomic::AtomicBool,
     /// Every `[[process]]` is ready (the readiness path uses it when there is no pool).
     pub processes_ready: std::sync::atomic::AtomicBool,
+    /// Bytes of responses waiting in spool files for slow clients (see `wire::Spool`).
+    pub spooled: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
@@ -135,6 +137,7 @@ impl Shared {
             connections_gone: Notify::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             processes_ready: std::sync::atomic::AtomicBool::new(false),
+            spooled: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 

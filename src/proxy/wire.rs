@@ -401,6 +401,7 @@ fn respond(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let budget = Arc::new(tokio::sync::Semaphore::new(STREAM_BUFFER_BYTES));
     let pid = slot.worker.pid();
+    let spool_dir = shared.settings().body_temp_dir.clone();
     tokio::spawn(pump(
         shared.clone(),
         (slot, slot_meter),
@@ -414,6 +415,10 @@ fn respond(
             pid,
             cut: client.cut.clone(),
             client_fd: client.fd,
+            spool: None,
+            spool_dir,
+            spooled_total: shared.spooled.clone(),
+            spool_failed: false,
         },
     ));
     *resp.body_mut() = ProxyBody::Wire(Box::new(WireBody {
@@ -424,6 +429,9 @@ fn respond(
         sent: 0,
         pid: Some(pid),
         done: false,
+        spool: None,
+        spool_at: 0,
+        spool_due: 0,
     }));
     resp
 }
@@ -593,9 +601,38 @@ fn resp_len(r: &Response<ProxyBody>) -> u64 {
     }
 }
 
-/// Bytes of a streamed response that may wait between the worker and a slow client. Past this the
-/// pump stops reading and the worker waits (bounded memory per response).
-const STREAM_BUFFER_BYTES: usize = 4 << 20;
+/// Bytes of a streamed response that may wait in memory between the worker and a slow client.
+/// Past this the rest waits in a spool file (see [`Spool`]); only when that cannot take it does
+/// the pump stop reading and the worker wait.
+const STREAM_BUFFER_BYTES: usize = 1 << 20;
+
+/// The most of one response that waits in its spool file (nginx's `proxy_max_temp_file_size`).
+const SPOOL_MAX_PER_RESPONSE: u64 = 1 << 30;
+
+/// The most that all spool files together may hold at once.
+const SPOOL_MAX_TOTAL: u64 = 8 << 30;
+
+/// How much of a spooled response is read back for the client at a time.
+const SPOOL_READ_BYTES: u64 = 128 << 10;
+
+/// The part of a streamed response a slow client has not taken yet beyond the memory budget: an
+/// unnamed file in `body_temp_dir` (as nginx's `proxy_temp_path`), so that the worker is free at
+/// its end frame whatever the response's size, and the master holds at most
+/// [`STREAM_BUFFER_BYTES`] plus one read of it in memory per slow client. The bytes it holds
+/// count against [`SPOOL_MAX_TOTAL`] until it is closed (when the client has taken all or left).
+pub struct Spool {
+    file: std::fs::File,
+    written: std::sync::atomic::AtomicU64,
+    total: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let n = *self.written.get_mut();
+        self.total
+            .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// What a queued chunk costs beyond its bytes (the channel's node, the `Bytes`, the permit),
 /// counted against the budget so that an app yielding tiny chunks is bounded too.
@@ -610,7 +647,15 @@ enum Queued {
     ClientStalled,
 }
 
-type Chunk = Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), String>;
+/// A piece of a streamed response on its way to the client.
+enum Part {
+    /// In memory, holding its share of the budget.
+    Mem(Bytes, tokio::sync::OwnedSemaphorePermit),
+    /// The next `len` bytes of the spool file.
+    Spooled(Arc<Spool>, u64),
+}
+
+type Chunk = Result<Part, String>;
 
 /// The pump's end of a streamed response's queue: unbounded channel, bounded by a byte budget;
 /// what goes in is held to the app's declared length.
@@ -623,6 +668,13 @@ struct Queue {
     cut: Arc<tokio::sync::Notify>,
     /// The client's socket: bytes leaving its send queue are progress too.
     client_fd: RawFd,
+    /// Where what does not fit in the budget goes, once it is needed.
+    spool: Option<Arc<Spool>>,
+    spool_dir: std::path::PathBuf,
+    /// Bytes in all spool files (shared by every response).
+    spooled_total: Arc<std::sync::atomic::AtomicU64>,
+    /// The spool could not be created or written: this response waits for its client instead.
+    spool_failed: bool,
 }
 
 impl Queue {
@@ -635,6 +687,81 @@ impl Queue {
             return Queued::Yes;
         };
         let n = ((b.len() + CHUNK_COST).min(STREAM_BUFFER_BYTES)) as u32;
+        if self.tx.is_closed() {
+            return Queued::ClientGone;
+        }
+        // Room in memory: there. Else in the spool file, so that the worker need not wait.
+        let part = match self.budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => Part::Mem(b, p),
+            Err(_) => match self.spill(&b) {
+                Some(part) => part,
+                None => match self.wait_for_room(n, stall).await {
+                    Ok(p) => Part::Mem(b, p),
+                    Err(q) => return q,
+                },
+            },
+        };
+        if self.tx.send(Ok(part)).is_ok() {
+            Queued::Yes
+        } else {
+            Queued::ClientGone
+        }
+    }
+
+    /// Writes `b` at the end of this response's spool file (created on first use); None when it
+    /// cannot take it (a limit, or the file system), and the caller waits for room in memory.
+    fn spill(&mut self, b: &Bytes) -> Option<Part> {
+        use std::os::unix::fs::FileExt;
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.spool_failed {
+            return None;
+        }
+        let len = b.len() as u64;
+        if let Some(s) = &self.spool {
+            if s.written.load(Relaxed) + len > SPOOL_MAX_PER_RESPONSE {
+                return None;
+            }
+        }
+        if self.spooled_total.fetch_add(len, Relaxed) + len > SPOOL_MAX_TOTAL {
+            self.spooled_total.fetch_sub(len, Relaxed);
+            return None;
+        }
+        if self.spool.is_none() {
+            match super::spool_file(&self.spool_dir) {
+                Ok(file) => {
+                    self.spool = Some(Arc::new(Spool {
+                        file,
+                        written: 0.into(),
+                        total: self.spooled_total.clone(),
+                    }))
+                }
+                Err(e) => {
+                    self.spooled_total.fetch_sub(len, Relaxed);
+                    self.spool_failed = true;
+                    tracing::warn!(dir = %self.spool_dir.display(), error = %e, "cannot spool a response for a slow client to body_temp_dir; the worker waits for the client instead");
+                    return None;
+                }
+            }
+        }
+        let spool = self.spool.as_ref().expect("created above");
+        let at = spool.written.load(Relaxed);
+        if let Err(e) = spool.file.write_all_at(b, at) {
+            self.spooled_total.fetch_sub(len, Relaxed);
+            self.spool_failed = true;
+            tracing::warn!(dir = %self.spool_dir.display(), error = %e, "cannot write a spooled response; the worker waits for the client instead");
+            return None;
+        }
+        // (Counted in the total above; freed with the spool.)
+        spool.written.store(at + len, Relaxed);
+        Some(Part::Spooled(spool.clone(), len))
+    }
+
+    /// Waits for `n` permits of the memory budget, but not for ever (see [`send`](Self::send)).
+    async fn wait_for_room(
+        &mut self,
+        n: u32,
+        stall: std::time::Duration,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Queued> {
         let permit = loop {
             // Progress is either of two things. More permits available: the client took a chunk
             // (only this pump takes permits). Or the kernel's send queue to the client shrank: it
@@ -642,24 +769,20 @@ impl Queue {
             // once the socket is writable again, after about a third of a send buffer of up to
             // 4 MiB has drained).
             if self.tx.is_closed() {
-                return Queued::ClientGone;
+                return Err(Queued::ClientGone);
             }
             let available = self.budget.available_permits();
             let unsent = send_queue(self.client_fd);
             match tokio::time::timeout(stall, self.budget.clone().acquire_many_owned(n)).await {
                 Ok(Ok(p)) => break p,
-                Ok(Err(_)) => return Queued::ClientGone,
-                Err(_) if self.tx.is_closed() => return Queued::ClientGone,
+                Ok(Err(_)) => return Err(Queued::ClientGone),
+                Err(_) if self.tx.is_closed() => return Err(Queued::ClientGone),
                 Err(_) if self.budget.available_permits() > available => continue,
                 Err(_) if send_queue(self.client_fd) < unsent => continue,
-                Err(_) => return Queued::ClientStalled,
+                Err(_) => return Err(Queued::ClientStalled),
             }
         };
-        if self.tx.send(Ok((b, Some(permit)))).is_ok() {
-            Queued::Yes
-        } else {
-            Queued::ClientGone
-        }
+        Ok(permit)
     }
     fn fail(&self, why: &str) {
         let _ = self.tx.send(Err(why.to_string()));
@@ -787,6 +910,11 @@ pub struct WireBody {
     sent: u64,
     pid: Option<u32>,
     done: bool,
+    /// The spool file being read back, where in it, and how much of it is due before the next
+    /// queued part.
+    spool: Option<Arc<Spool>>,
+    spool_at: u64,
+    spool_due: u64,
 }
 
 impl WireBody {
@@ -807,15 +935,24 @@ impl WireBody {
         if self.done {
             return Poll::Ready(None);
         }
+        if self.spool_due > 0 {
+            return Poll::Ready(Some(self.read_spooled()));
+        }
         let Some(rx) = self.rx.as_mut() else {
             self.done = true;
             return Poll::Ready(None);
         };
         match ready!(rx.poll_recv(cx)) {
-            Some(Ok((b, _permit))) => {
+            Some(Ok(Part::Mem(b, _permit))) => {
                 // Dropping the permit returns its bytes to the pump's budget.
                 self.sent += b.len() as u64;
                 Poll::Ready(Some(Ok(BodyFrame::data(b))))
+            }
+            Some(Ok(Part::Spooled(spool, len))) => {
+                // (One spool per response, written and read in order.)
+                self.spool = Some(spool);
+                self.spool_due = len;
+                Poll::Ready(Some(self.read_spooled()))
             }
             Some(Err(e)) => {
                 self.done = true;
@@ -828,6 +965,30 @@ impl WireBody {
                 Poll::Ready(None)
             }
         }
+    }
+}
+
+impl WireBody {
+    /// The next piece of the spool file (a read of the page cache, usually).
+    fn read_spooled(&mut self) -> Result<BodyFrame<Bytes>, BoxError> {
+        use std::os::unix::fs::FileExt;
+        let n = self.spool_due.min(SPOOL_READ_BYTES);
+        let mut buf = vec![0; n as usize];
+        let spool = self.spool.as_ref().expect("a spool when bytes are due");
+        if let Err(e) = spool.file.read_exact_at(&mut buf, self.spool_at) {
+            tracing::error!(error = %e, "cannot read a spooled response back; the client's connection is aborted");
+            self.done = true;
+            self.log();
+            return Err(Box::new(e));
+        }
+        self.spool_at += n;
+        self.spool_due -= n;
+        if self.spool_due == 0 {
+            // Its bytes stay counted until the pump's handle is gone too.
+            self.spool = None;
+        }
+        self.sent += n;
+        Ok(BodyFrame::data(Bytes::from(buf)))
     }
 }
 

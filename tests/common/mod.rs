@@ -1209,6 +1209,15 @@ impl Http {
         Http::try_connect(port).unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"))
     }
 
+    /// Wraps a connection made elsewhere (e.g. with socket options of its own) to `port`.
+    pub fn from_stream(stream: TcpStream, port: u16) -> Http {
+        Http {
+            stream,
+            port,
+            buf: Vec::new(),
+        }
+    }
+
     pub fn try_connect(port: u16) -> io::Result<Http> {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
