@@ -432,6 +432,7 @@ fn respond(
         spool: None,
         spool_at: 0,
         spool_due: 0,
+        held: None,
     }));
     resp
 }
@@ -915,6 +916,10 @@ pub struct WireBody {
     spool: Option<Arc<Spool>>,
     spool_at: u64,
     spool_due: u64,
+    /// The budget share of the chunk last handed to hyper, which holds it until it is written:
+    /// given back when hyper asks for the next one, so that the budget bounds all the memory a
+    /// slow client costs, not only what waits in the queue.
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl WireBody {
@@ -935,6 +940,7 @@ impl WireBody {
         if self.done {
             return Poll::Ready(None);
         }
+        self.held = None;
         if self.spool_due > 0 {
             return Poll::Ready(Some(self.read_spooled()));
         }
@@ -943,8 +949,8 @@ impl WireBody {
             return Poll::Ready(None);
         };
         match ready!(rx.poll_recv(cx)) {
-            Some(Ok(Part::Mem(b, _permit))) => {
-                // Dropping the permit returns its bytes to the pump's budget.
+            Some(Ok(Part::Mem(b, permit))) => {
+                self.held = Some(permit);
                 self.sent += b.len() as u64;
                 Poll::Ready(Some(Ok(BodyFrame::data(b))))
             }
