@@ -338,6 +338,10 @@ fn fast_stop(name: &str, sig: i32) {
         "workers after fast stop",
     );
     assert!(!fx.dir.join("master.pid").exists(), "pidfile removed");
+    // The request the stop cut is the operator's doing, not a worker's failure: a warning, not
+    // an error saying the worker failed.
+    let log = fx.srv.error_log();
+    assert!(!log.contains("worker failed mid-request"), "{log}");
 }
 
 #[test]

@@ -563,12 +563,23 @@ fn fail(
     what: &str,
     record: Option<AccessRecord>,
 ) -> Response<ProxyBody> {
-    tracing::error!(
-        worker = slot.worker.id,
-        pid = slot.worker.pid(),
-        error = what,
-        "worker failed mid-request: 502"
-    );
+    if slot.worker.is_retiring() {
+        // The master is stopping it (a quick stop, or a graceful one past graceful_timeout): the
+        // operator's doing, not a failure of the worker.
+        tracing::warn!(
+            worker = slot.worker.id,
+            pid = slot.worker.pid(),
+            error = what,
+            "request cut: its worker was being stopped: 502"
+        );
+    } else {
+        tracing::error!(
+            worker = slot.worker.id,
+            pid = slot.worker.pid(),
+            error = what,
+            "worker failed mid-request: 502"
+        );
+    }
     slot.worker.report(Event::WorkerMisbehaved {
         id: slot.worker.id,
         what: what.to_string(),
