@@ -48,6 +48,7 @@ fn main() -> ExitCode {
 fn fail(code: i32, msg: impl std::fmt::Display) -> i32 {
     eprintln!("gte-supervisor: {msg}");
     daemon::report_failure(code, &format!("gte-supervisor: {msg}"));
+    gte_supervisor::upgrade::report_failure(&msg.to_string());
     code
 }
 
@@ -65,6 +66,7 @@ fn make_runtime_dir() -> std::io::Result<PathBuf> {
 }
 
 fn run(config_path: &Path) -> i32 {
+    gte_supervisor::upgrade::take_ready_pipe();
     let cfg = match config::load(config_path) {
         Ok(c) => c,
         Err(e) => return fail(exit::CONFIG, e),

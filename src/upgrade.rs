@@ -21,25 +21,37 @@ const READY_ENV: &str = "GTE_UPGRADE_READY_FD";
 
 static READY_PIPE: Mutex<Option<File>> = Mutex::new(None);
 
-/// In a new master started by an upgrade: the inherited listener. Also remembers the ready pipe.
-/// Must run before any thread is started (it edits the environment).
+/// In a new master started by an upgrade: takes the pipe on which it reports to the old master
+/// (first thing, so that even a configuration error can be reported on it). Must run before any
+/// thread is started (it edits the environment).
+pub fn take_ready_pipe() {
+    let Some(r) = std::env::var(READY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    // SAFETY: single-threaded at this point (before the runtime and logging threads start).
+    unsafe {
+        std::env::remove_var(READY_ENV);
+    }
+    set_cloexec(r);
+    // SAFETY: the old master passed this pipe's write end to us as fd `r`; we own it now.
+    let f = unsafe { File::from_raw_fd(r) };
+    if let Ok(mut g) = READY_PIPE.lock() {
+        *g = Some(f);
+    }
+}
+
+/// In a new master started by an upgrade: the inherited listener. Must run before any thread is
+/// started (it edits the environment).
 pub fn inherited_listener() -> Option<std::net::TcpListener> {
     let fd: i32 = std::env::var(FD_ENV).ok()?.parse().ok()?;
-    let ready: Option<i32> = std::env::var(READY_ENV).ok().and_then(|v| v.parse().ok());
     // SAFETY: single-threaded at this point (before the runtime and logging threads start).
     unsafe {
         std::env::remove_var(FD_ENV);
-        std::env::remove_var(READY_ENV);
     }
     set_cloexec(fd);
-    if let Some(r) = ready {
-        set_cloexec(r);
-        // SAFETY: the old master passed this pipe's write end to us as fd `r`; we own it now.
-        let f = unsafe { File::from_raw_fd(r) };
-        if let Ok(mut g) = READY_PIPE.lock() {
-            *g = Some(f);
-        }
-    }
     let st = nix::sys::stat::fstat(fd).ok()?;
     if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return None;
@@ -63,6 +75,16 @@ pub fn report_ready() {
     if let Ok(mut g) = READY_PIPE.lock() {
         if let Some(mut f) = g.take() {
             let _ = f.write_all(b"READY\n");
+        }
+    }
+}
+
+/// Tells the old master (if this master was started by an upgrade) why we cannot start: it logs
+/// the reason in its own error log, which an operator reads, instead of only our exit status.
+pub fn report_failure(why: &str) {
+    if let Ok(mut g) = READY_PIPE.lock() {
+        if let Some(mut f) = g.take() {
+            let _ = f.write_all(format!("FAILED {}\n", why.trim()).as_bytes());
         }
     }
 }
@@ -126,10 +148,15 @@ pub fn start_new_master(
                 .await
                 .map(|s| s.to_string())
                 .unwrap_or_else(|e| e.to_string());
-            let _ = events.send(Event::UpgradeFailed {
-                pid,
-                why: format!("the new master exited before it was ready ({status})"),
-            });
+            let said = String::from_utf8_lossy(&buf);
+            let why = match said.strip_prefix("FAILED ") {
+                Some(reason) => format!(
+                    "the new master exited before it was ready ({status}): {}",
+                    reason.trim_end()
+                ),
+                None => format!("the new master exited before it was ready ({status})"),
+            };
+            let _ = events.send(Event::UpgradeFailed { pid, why });
         }
     });
     Ok(pid)

@@ -557,3 +557,28 @@ fn a_failed_upgrade_leaves_the_old_master_reachable_by_status() {
     );
     assert_eq!(srv.get("/pid").status, 200);
 }
+
+/// A USR2 whose new master cannot start (here: the configuration file was broken meanwhile)
+/// says why in the old master's error log, not only the new master's exit status; the old
+/// master keeps serving.
+#[test]
+fn a_failed_upgrade_logs_the_new_masters_reason() {
+    let fx = start_standard("usr2_broken_config", |c| c.set("workers", "count", "1"));
+    let text = std::fs::read_to_string(&fx.srv.config).unwrap();
+    std::fs::write(
+        &fx.srv.config,
+        toml_set(&text, "workers", "count", "\"lots\""),
+    )
+    .unwrap();
+    fx.srv.signal(SIGUSR2);
+    let line = fx
+        .srv
+        .wait_error_log_line("the failed upgrade", Duration::from_secs(30), |l| {
+            l.contains("upgrade failed")
+        });
+    assert!(
+        line.contains("exit status: 2") && line.contains("count") && line.contains("lots"),
+        "{line}"
+    );
+    assert_eq!(fx.srv.get("/").status, 200);
+}

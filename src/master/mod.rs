@@ -1569,6 +1569,9 @@ impl Master {
         if !matches!(self.cfg.log.error, config::LogTarget::Stderr) {
             eprintln!("gte-supervisor: the application failed to load:\n{traceback}");
         }
+        // (Its last line names the exception.)
+        let last = traceback.trim_end().lines().last().unwrap_or_default();
+        crate::upgrade::report_failure(&format!("the application failed to load: {last}"));
         self.exit_code = exit::APP_LOAD;
         self.begin_stop(false);
     }
