@@ -1403,6 +1403,7 @@ fn requests_the_rfcs_refuse_get_a_clear_status_and_a_closed_connection() {
         b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
         b"GET http://a/env HTTP/1.1\r\nHost: a\r\n\r\n",
         b"GET http://t.example:81/env HTTP/1.1\r\nHost: other.example\r\n\r\n",
+        b"GET https://s.example/env HTTP/1.1\r\nHost: other.example\r\n\r\n",
     ] {
         let mut h = fx.srv.connect();
         h.send(ok);
@@ -1419,6 +1420,12 @@ fn requests_the_rfcs_refuse_get_a_clear_status_and_a_closed_connection() {
             assert_eq!(j.get("HTTP_HOST").str(), Some("t.example:81"));
             assert_eq!(j.get("SERVER_NAME").str(), Some("t.example"));
             assert_eq!(j.get("SERVER_PORT").str(), Some("81"));
+        }
+        if ok.starts_with(b"GET https://s.") {
+            // ... whose scheme gives the default port
+            let j = r.json();
+            assert_eq!(j.get("HTTP_HOST").str(), Some("s.example"));
+            assert_eq!(j.get("SERVER_PORT").str(), Some("443"));
         }
     }
     // Content-Length with Transfer-Encoding: read as chunked (the length is dropped), answered,

@@ -75,6 +75,9 @@ struct WorkerRec {
     /// Consecutive memory samples over the ceiling, and the last RSS seen.
     memory_over: u32,
     rss: u64,
+    /// Its slots (request threads or pipelined requests), from the configuration it was
+    /// started with.
+    slots: usize,
 }
 
 impl WorkerRec {
@@ -87,6 +90,8 @@ impl WorkerRec {
 #[derive(Debug)]
 struct WarmRec {
     warm: Warm,
+    /// The configuration it was started with: the workers forked from it are of that one.
+    cfg: Arc<Config>,
     generation: u64,
     ready: bool,
     started: Instant,
@@ -404,6 +409,7 @@ impl Master {
                     );
                 }
                 w.kill_at = None;
+                w.info.cut_by_master.store(true, Ordering::SeqCst);
                 signal_worker(w.info.pid(), Signal::SIGKILL);
             }
         }
@@ -418,12 +424,11 @@ impl Master {
             Event::WarmLoaded { pid, result } => self.on_warm_loaded(pid, result),
             Event::WarmExited { pid, status } => self.on_warm_exited(pid, status),
             Event::BudgetSpent { id } => {
+                let fallback_active = self.fallback_active();
                 if let Some(w) = self.workers.get_mut(&id) {
                     // (Workers of the previous configuration are recycled too while they stand in
                     // for a new one whose import failed: see `fallback`.)
-                    let stand_in = w.replace == Some(ReplaceReason::Reload)
-                        && self.fallback.is_some()
-                        && !self.warm.as_ref().is_some_and(|r| r.ready);
+                    let stand_in = w.replace == Some(ReplaceReason::Reload) && fallback_active;
                     if w.state == WorkerState::Ready && (w.replace.is_none() || stand_in) {
                         tracing::info!(
                             worker = id,
@@ -533,7 +538,7 @@ impl Master {
                 }
                 w.state = WorkerState::Ready;
                 w.ready_at = Some(Instant::now());
-                let slots = self.cfg.workers.slots_per_worker(&self.cfg.app.kind);
+                let slots = w.slots;
                 tracing::info!(
                     worker = id,
                     pid = w.info.pid(),
@@ -713,6 +718,7 @@ impl Master {
                 );
                 self.warm = Some(WarmRec {
                     warm: w,
+                    cfg: self.cfg.clone(),
                     generation: self.generation,
                     ready: false,
                     started: Instant::now(),
@@ -720,6 +726,12 @@ impl Master {
             }
             Err(e) => self.spawn_failed(0, e),
         }
+    }
+
+    /// Workers of the previous configuration are replaced from its kept warm process: there is
+    /// one, and the current one has not imported the app (see `fallback`).
+    fn fallback_active(&self) -> bool {
+        self.fallback.is_some() && !self.warm.as_ref().is_some_and(|r| r.ready)
     }
 
     /// Ends the previous configuration's warm process, if one is kept (see `fallback`).
@@ -923,6 +935,7 @@ impl Master {
     /// (start-first, like max_requests).
     fn check_memory(&mut self) {
         let limit = self.cfg.workers.max_worker_memory;
+        let fallback_active = self.fallback_active();
         let pids: Vec<sysinfo::Pid> = self
             .workers
             .values()
@@ -938,7 +951,10 @@ impl Master {
                 continue;
             };
             w.rss = p.memory();
-            if limit == 0 || w.state != WorkerState::Ready || w.replace.is_some() {
+            // (Workers of the previous configuration standing in while a new import fails are
+            // watched too: see `fallback`.)
+            let stand_in = w.replace == Some(ReplaceReason::Reload) && fallback_active;
+            if limit == 0 || w.state != WorkerState::Ready || (w.replace.is_some() && !stand_in) {
                 continue;
             }
             if w.rss > limit {
@@ -1305,6 +1321,7 @@ impl Master {
         for id in ids {
             if let Some(w) = self.workers.get_mut(&id) {
                 w.info.retire();
+                w.info.cut_by_master.store(true, Ordering::SeqCst);
                 w.reason.get_or_insert("stop");
             }
             if fast {
@@ -1327,6 +1344,9 @@ impl Master {
             tracing::info!("reload requested while stopping: ignored");
             return;
         }
+        // A new configuration (or fixed code) gets its import attempt at once.
+        self.warm_retry_at = None;
+        self.warm_failures = 0;
         systemd::notify("RELOADING=1\nSTATUS=reloading");
         let new = match config::load(&self.config_path) {
             Ok(c) => c,
@@ -1432,16 +1452,22 @@ impl Master {
     /// previous configuration from its kept warm process.
     fn spawn_worker(&mut self, from_fallback: bool) -> bool {
         let preload = self.cfg.app.preload;
-        let (warm, generation) = if from_fallback {
+        // (A stand-in forked from the kept warm process runs the previous configuration's
+        // code and `threads`: its timeout, budget and slots are that configuration's too.)
+        let (warm, generation, cfg) = if from_fallback {
             match &self.fallback {
-                Some(rec) => (Some(rec), rec.generation),
+                Some(rec) => (Some(rec), rec.generation, rec.cfg.clone()),
                 None => return false,
             }
         } else {
             if preload && !self.warm.as_ref().is_some_and(|r| r.ready) {
                 return false; // the warm process is still importing: fork when it is ready
             }
-            (self.warm.as_ref().filter(|_| preload), self.generation)
+            (
+                self.warm.as_ref().filter(|_| preload),
+                self.generation,
+                self.cfg.clone(),
+            )
         };
         let id = self.next_id;
         let ctx = SpawnContext {
@@ -1450,8 +1476,8 @@ impl Master {
             master_pid: std::process::id(),
         };
         let spawned = match warm {
-            Some(rec) => rec.warm.fork_worker(&self.cfg, id, &ctx),
-            None => spawn::spawn_worker(&self.cfg, id, &ctx),
+            Some(rec) => rec.warm.fork_worker(&cfg, id, &ctx),
+            None => spawn::spawn_worker(&cfg, id, &ctx),
         };
         self.next_id += 1;
         if spawned.is_err() && warm.is_some() {
@@ -1468,7 +1494,7 @@ impl Master {
         }
         match spawned {
             Ok(sp) => {
-                let w = &self.cfg.workers;
+                let w = &cfg.workers;
                 let budget = if w.max_requests == 0 {
                     0
                 } else {
@@ -1483,8 +1509,9 @@ impl Master {
                         budget,
                         self.events_tx.clone(),
                     )
-                    .with_pipelining(w.pipelined(&self.cfg.app.kind)),
+                    .with_pipelining(w.pipelined(&cfg.app.kind)),
                 );
+                let slots = w.slots_per_worker(&cfg.app.kind);
                 if sp.pid == 0 {
                     // Forked by the warm process: its pid comes with the fork ("worker forked").
                     tracing::info!(
@@ -1521,6 +1548,7 @@ impl Master {
                         probing: false,
                         memory_over: 0,
                         rss: 0,
+                        slots,
                     },
                 );
                 true
@@ -1635,7 +1663,7 @@ impl Master {
         let fallback_gen = self
             .fallback
             .as_ref()
-            .filter(|_| !self.warm.as_ref().is_some_and(|r| r.ready))
+            .filter(|_| self.fallback_active())
             .map(|r| r.generation);
         if fallback_gen.is_some() && self.spawn_not_before.is_none() {
             // (Those flagged for themselves, e.g. max_requests, are to be replaced too.)

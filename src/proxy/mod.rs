@@ -374,9 +374,11 @@ impl<'a> BodyBuf<'a> {
                 self.first = Some(data);
                 return Ok(());
             };
-            // The announced length sizes the buffer once (it is at most `in_memory` here).
+            // The announced length sizes the buffer once, but at most 1 MiB of it up front: it
+            // is only announced, and a client could announce `in_memory` (up to 1 GiB) and
+            // trickle; beyond that the buffer grows with what arrives.
             self.rest
-                .reserve(self.announced.max(first.len() + data.len()));
+                .reserve(self.announced.min(1 << 20).max(first.len() + data.len()));
             self.rest.extend_from_slice(&first);
         }
         self.rest.extend_from_slice(&data);
@@ -420,7 +422,11 @@ pub fn spool_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
             .open(&path)
         {
             Ok(f) => {
-                std::fs::remove_file(&path)?;
+                // Unnamed from now on; should that fail, the file still serves (it is removed
+                // by the next `check` or by hand), and the error log names it.
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove the name of a spool file");
+                }
                 return Ok(f);
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,

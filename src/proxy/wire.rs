@@ -563,9 +563,13 @@ fn fail(
     what: &str,
     record: Option<AccessRecord>,
 ) -> Response<ProxyBody> {
-    if slot.worker.is_retiring() {
-        // The master is stopping it (a quick stop, or a graceful one past graceful_timeout): the
-        // operator's doing, not a failure of the worker.
+    if slot
+        .worker
+        .cut_by_master
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        // The master is ending it (a stop, or the SIGKILL past the grace period): the operator's
+        // doing, not a failure of the worker.
         tracing::warn!(
             worker = slot.worker.id,
             pid = slot.worker.pid(),

@@ -567,4 +567,53 @@ mod tests {
         second.abort();
         std::mem::forget(one); // its ticket is still open: dropping it would break the lane
     }
+
+    #[tokio::test]
+    async fn a_spooled_body_goes_out_with_sendfile_between_the_bytes_around_it() {
+        use std::io::Write;
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let lane = Lane::new(a);
+        let mut one = WireConn::new(lane.clone());
+        let mut two = WireConn::new(lane.clone());
+        // Bigger than the socket's buffer and than one sendfile call: written in several parts,
+        // some of them refused with EAGAIN.
+        let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut file = crate::proxy::spool_file(&std::env::temp_dir()).unwrap();
+        file.write_all(&body).unwrap();
+        let len = body.len() as u64;
+        one.begin(
+            Bytes::from_static(b"head1"),
+            [
+                Piece::Mem(Bytes::from_static(b"<")),
+                Piece::File(Arc::new(file), len),
+                Piece::Mem(Bytes::from_static(b">")),
+            ],
+            false,
+        );
+        two.begin(
+            Bytes::from_static(b"head2"),
+            [Piece::Mem(Bytes::from_static(b"tail"))],
+            false,
+        );
+        let mut want = b"head1<".to_vec();
+        want.extend_from_slice(&body);
+        want.extend_from_slice(b">head2tail");
+        let n = want.len();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; n];
+            b.read_exact(&mut got).await.unwrap();
+            got
+        });
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            std::future::poll_fn(|cx| two.poll_flush_request(cx)),
+        )
+        .await
+        .expect("the flush stalled")
+        .unwrap();
+        assert!(one.request_sent() && two.request_sent());
+        let got = reader.await.unwrap();
+        assert!(got == want, "the bytes arrived changed or out of order");
+        std::mem::forget((one, two)); // their tickets are still open
+    }
 }

@@ -51,6 +51,9 @@ pub struct WorkerInfo {
     pub served: AtomicU64,
     /// Set by the master: give no new requests to this worker; drop its slots as they come back.
     pub retiring: AtomicBool,
+    /// Set by the master when it ends the worker whatever it is serving (a stop, or the
+    /// SIGKILL past the grace period): a request cut then is not the worker's failure.
+    pub cut_by_master: AtomicBool,
     /// Slots of this worker that still exist (idle or in use).
     live_slots: AtomicUsize,
     /// Slots of this worker taken by a request or a probe right now.
@@ -89,6 +92,7 @@ impl WorkerInfo {
             budget,
             served: AtomicU64::new(0),
             retiring: AtomicBool::new(false),
+            cut_by_master: AtomicBool::new(false),
             live_slots: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
             service_ewma_ns: AtomicU64::new(u64::MAX),
