@@ -84,6 +84,17 @@ impl WorkerRec {
     fn serving(&self) -> bool {
         matches!(self.state, WorkerState::Starting | WorkerState::Ready)
     }
+
+    /// Whether it may still be flagged for replacement on its own account (max_requests,
+    /// memory): it is not flagged yet, or it is only of an older configuration and stands in for
+    /// the new one while that one's import fails (`fallback_active`: see `Master::fallback`).
+    fn may_be_flagged(&self, fallback_active: bool) -> bool {
+        match self.replace {
+            None => true,
+            Some(ReplaceReason::Reload) => fallback_active,
+            Some(_) => false,
+        }
+    }
 }
 
 /// The warm process of a generation (preload): imports the app once; workers fork from it.
@@ -426,10 +437,7 @@ impl Master {
             Event::BudgetSpent { id } => {
                 let fallback_active = self.fallback_active();
                 if let Some(w) = self.workers.get_mut(&id) {
-                    // (Workers of the previous configuration are recycled too while they stand in
-                    // for a new one whose import failed: see `fallback`.)
-                    let stand_in = w.replace == Some(ReplaceReason::Reload) && fallback_active;
-                    if w.state == WorkerState::Ready && (w.replace.is_none() || stand_in) {
+                    if w.state == WorkerState::Ready && w.may_be_flagged(fallback_active) {
                         tracing::info!(
                             worker = id,
                             pid = w.info.pid(),
@@ -644,8 +652,7 @@ impl Master {
                     return;
                 }
                 self.warm_failures += 1;
-                let delay = Duration::from_millis(500u64 << self.warm_failures.min(6))
-                    .min(Duration::from_secs(30));
+                let delay = backoff(self.warm_failures);
                 self.warm_retry_at = Some(Instant::now() + delay);
                 tracing::error!(pid, reason = "crash", backoff_ms = delay.as_millis() as u64, "the warm process failed to import the application (the running workers keep serving)\n{traceback}");
             }
@@ -832,8 +839,7 @@ impl Master {
             self.crash_streak = 0;
         }
         if self.crash_streak >= 2 {
-            let delay = Duration::from_millis(500u64 << (self.crash_streak - 2).min(6))
-                .min(Duration::from_secs(30));
+            let delay = backoff(self.crash_streak - 2);
             self.spawn_not_before = Some(Instant::now() + delay);
             if self.crash_streak >= 3 {
                 tracing::error!(streak = self.crash_streak, backoff_ms = delay.as_millis() as u64, "crash loop: workers keep dying soon after start; respawning with backoff (the remaining workers keep serving)");
@@ -951,10 +957,7 @@ impl Master {
                 continue;
             };
             w.rss = p.memory();
-            // (Workers of the previous configuration standing in while a new import fails are
-            // watched too: see `fallback`.)
-            let stand_in = w.replace == Some(ReplaceReason::Reload) && fallback_active;
-            if limit == 0 || w.state != WorkerState::Ready || (w.replace.is_some() && !stand_in) {
+            if limit == 0 || w.state != WorkerState::Ready || !w.may_be_flagged(fallback_active) {
                 continue;
             }
             if w.rss > limit {
@@ -1607,8 +1610,7 @@ impl Master {
     /// One more start failure: the next spawn waits 1 s, 2 s, 4 s … (at most 30 s).
     fn back_off_spawns(&mut self) -> Duration {
         self.crash_streak += 1;
-        let delay =
-            Duration::from_millis(500u64 << self.crash_streak.min(6)).min(Duration::from_secs(30));
+        let delay = backoff(self.crash_streak);
         self.spawn_not_before = Some(Instant::now() + delay);
         delay
     }
@@ -1713,6 +1715,12 @@ impl Master {
             }
         }
     }
+}
+
+/// The wait before the next start after `step` failures in a row: 0.5 s doubled each step, at
+/// most 30 s.
+fn backoff(step: u32) -> Duration {
+    Duration::from_millis(500u64 << step.min(6)).min(Duration::from_secs(30))
 }
 
 /// Signals a worker's whole process group (its pid is the group id: see `spawn`).

@@ -422,8 +422,8 @@ pub fn spool_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
             .open(&path)
         {
             Ok(f) => {
-                // Unnamed from now on; should that fail, the file still serves (it is removed
-                // by the next `check` or by hand), and the error log names it.
+                // Unnamed from now on; should that fail, the file still serves, and the warning
+                // names it for removal by hand.
                 if let Err(e) = std::fs::remove_file(&path) {
                     tracing::warn!(path = %path.display(), error = %e, "cannot remove the name of a spool file");
                 }
@@ -766,9 +766,6 @@ impl Drop for ConnGuard {
     }
 }
 
-/// A request hyper refused before it became one (a malformed or oversized head: hyper answered
-/// 400 / 414 / 431 and closed) has no access-log line; it gets a warning in the error log, as
-/// gunicorn logs "Invalid request from ip=...". Timeouts and clients that left are not logged.
 /// How a client connection ended, as far as its closing goes.
 #[derive(PartialEq, Eq)]
 enum Ended {
@@ -777,6 +774,10 @@ enum Ended {
     Stalled,
 }
 
+/// A request hyper refused before it became one (a malformed or oversized head: hyper answered
+/// 400 / 414 / 431 and closed) has no access-log line; it gets a warning in the error log, as
+/// gunicorn logs "Invalid request from ip=...". A client that read nothing of its answers for the
+/// whole timeout gets one too. Other timeouts and clients that left are not logged.
 fn log_refused(r: Result<(), hyper::Error>, peer: SocketAddr) -> Ended {
     if let Err(e) = r {
         if e.is_parse() || e.is_parse_too_large() {

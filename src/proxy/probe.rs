@@ -83,14 +83,7 @@ async fn exchange_on(slot: &mut Slot, path: Option<&str>) -> Result<(), String> 
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
             match path {
-                None => {
-                    conn.begin(Bytes::copy_from_slice(&protocol::ping_frame()), [], false);
-                    match conn.next_frame().await {
-                        Ok(Frame::Pong) => conn.done(),
-                        Ok(f) => return Err(format!("unexpected answer to ping: {f:?}")),
-                        Err(e) => return Err(e.to_string()),
-                    }
-                }
+                None => conn.ping().await.map_err(|e| e.to_string())?,
                 Some(p) => {
                     let uri: Uri = p
                         .parse()

@@ -987,9 +987,7 @@ impl WireBody {
             }
         }
     }
-}
 
-impl WireBody {
     /// The next piece of the spool file (a read of the page cache, usually).
     fn read_spooled(&mut self) -> Result<BodyFrame<Bytes>, BoxError> {
         use std::os::unix::fs::FileExt;
@@ -1106,13 +1104,7 @@ async fn give_up(
 async fn ping_back(shared: Arc<Shared>, mut slot: Slot, timeout: std::time::Duration) {
     let answer = tokio::time::timeout(timeout, async {
         let mut c = slot.wire_conn().await.map_err(WireError::Io)?;
-        c.begin(Bytes::copy_from_slice(&protocol::ping_frame()), [], false);
-        match c.next_frame().await? {
-            Frame::Pong => Ok(c),
-            f => Err(WireError::Protocol(format!(
-                "unexpected answer to ping: {f:?}"
-            ))),
-        }
+        c.ping().await.map(|()| c)
     })
     .await;
     match answer {

@@ -442,6 +442,21 @@ impl WireConn {
         true
     }
 
+    /// Pings the worker's request loop on this connection (a health probe, or after a response
+    /// was given up): Ok once it answers.
+    pub async fn ping(&mut self) -> Result<(), WireError> {
+        self.begin(Bytes::copy_from_slice(&protocol::ping_frame()), [], false);
+        match self.next_frame().await? {
+            Frame::Pong => {
+                self.done();
+                Ok(())
+            }
+            f => Err(WireError::Protocol(format!(
+                "unexpected answer to ping: {f:?}"
+            ))),
+        }
+    }
+
     /// This request's response has ended cleanly: the next ticket may read.
     pub fn done(&mut self) {
         let Some((t, _)) = self.ticket.take() else {

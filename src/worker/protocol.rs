@@ -108,10 +108,7 @@ pub fn encode_request(out: &mut Vec<u8>, r: &RequestFacts<'_>) -> Result<(), Enc
     out.extend_from_slice(name);
     out.push(0);
     // (A target's own scheme gives its default port: "http://a/" is 80 whatever the connection.)
-    let scheme = match r.uri.scheme_str() {
-        Some(s) if target_host.is_some() => s,
-        _ => r.scheme,
-    };
+    let scheme = r.uri.scheme_str().unwrap_or(r.scheme);
     out.extend_from_slice(if port.is_empty() {
         if scheme.eq_ignore_ascii_case("https") {
             b"443"
